@@ -1,0 +1,259 @@
+"""The step loop: requests in, token deltas out.
+
+``add_request`` validates and queues, ``step`` runs one scheduled batch through the model
+and returns the progress of every request it touched, ``abort`` cancels. ``LLM`` and the
+HTTP server are thin fronts over these four calls.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.config import MiaotuiError
+from miaotui.engine.block_manager import BlockManager
+from miaotui.engine.model_runner import ModelRunner
+from miaotui.engine.scheduler import Scheduler
+from miaotui.engine.sequence import Logprob, Sequence, Status
+from miaotui.sampling_params import SamplingParams
+
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32": torch.float32,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"                  # weights' storage; on this CPU compute is fp32
+    quantization: str | None = None      # None (as stored) | "none" | "int8" | "int4"
+    group_size: int = 32
+    kv_cache_dtype: str = "auto"         # "auto" (= model dtype) | "int8"
+    kv_cache_memory: float = 1 << 30     # bytes, or a fraction (< 1) of available memory
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    progress: bool = False
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[Logprob] | None = None
+    delta_text: str = ""                 # new text since the previous RequestOutput
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[Logprob | None] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_ids, params, seqs):
+        self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.seqs: list[Sequence] = seqs
+        self.sent: list[tuple[int, int]] = [(0, 0)] * len(seqs)   # (chars, tokens) already reported
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from miaotui.loader import build_model, load_tokenizer, open_checkpoint
+        self.config = config
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        if config.dtype not in DTYPES:
+            raise MiaotuiError(f"unknown dtype {config.dtype!r} (choose from {', '.join(DTYPES)})")
+        if config.kv_cache_dtype not in KV_DTYPES:
+            raise MiaotuiError(f"unknown kv_cache_dtype {config.kv_cache_dtype!r}")
+        if config.quantization not in (None, "none", "int8", "int4", "gguf"):
+            raise MiaotuiError(f"unknown quantization {config.quantization!r} (none, int8, int4)")
+        ckpt = open_checkpoint(config.model)
+        self.model_path = ckpt.path
+        self.model_config = cfg = ckpt.config
+        self.tokenizer = load_tokenizer(ckpt)
+        dtype = DTYPES[config.dtype]
+        quant = None if config.quantization == "gguf" else config.quantization
+        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        kv_dtype = KV_DTYPES[config.kv_cache_dtype] or (dtype if dtype != torch.bfloat16 else torch.float32)
+        per_token = ModelRunner.kv_bytes_per_token(cfg, kv_dtype)
+        budget = config.kv_cache_memory
+        if budget < 1:
+            import psutil
+            budget = budget * psutil.virtual_memory().available
+        num_blocks = int(budget // (per_token * config.block_size))
+        if num_blocks < 1:
+            raise MiaotuiError(f"kv_cache_memory {config.kv_cache_memory} is too small for one block")
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype)
+        self.requests: dict[str, _Request] = {}
+        self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
+                      "generated_tokens": 0, "steps": 0}
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise MiaotuiError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise MiaotuiError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                   f"(0..{self.model_config.vocab_size - 1})")
+        if not ids:
+            raise MiaotuiError("the prompt is empty")
+        room = self.max_model_len - len(ids)
+        if room < 0 or (room == 0 and params.max_tokens != 0):
+            raise MiaotuiError(f"the prompt has {len(ids)} tokens, more than the context window "
+                               f"allows ({self.max_model_len} tokens including the answer)")
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        need = self.block_manager.blocks_needed(len(ids) + max_new)
+        if need > self.block_manager.num_blocks:
+            raise MiaotuiError(f"the request needs {need} KV-cache blocks but the pool holds "
+                               f"{self.block_manager.num_blocks}; raise kv_cache_memory")
+        seqs = [Sequence(request_id, i, ids, params, max_new) for i in range(params.n)]
+        from miaotui.loader.tokenizer import IncrementalDetokenizer
+        for s in seqs:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        req = _Request(request_id, text, ids, params, seqs)
+        self.requests[request_id] = req
+        self.stats["prompt_tokens"] += len(ids)
+        if max_new == 0:   # scoring only: compute the prompt, sample nothing
+            for s in seqs[1:]:
+                s.status = Status.FINISHED
+                s.finish_reason = "length"
+            seqs[0].max_new_tokens = 0
+            self.scheduler.add(seqs[0])
+            return
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+                self.scheduler.finish(s)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        tokens = self.runner.run(batch)
+        self.stats["steps"] += 1
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for seq, n in batch:
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats["computed_prefill_tokens"] += n
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            req = self.requests[seq.request_id]
+            touched[req.request_id] = req
+            if seq.seq_id not in tokens:
+                continue
+            if seq.max_new_tokens == 0:
+                seq.finish_reason = "length"
+                self.scheduler.finish(seq)
+                continue
+            self._append_token(seq, tokens[seq.seq_id], now)
+            if req.first_token_time is None:
+                req.first_token_time = now
+        return [self._output(req) for req in touched.values()]
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self.stats["generated_tokens"] += 1
+        seq.text += seq.detokenizer.add([token])
+        if token in p.stop_token_ids and seq.num_output_tokens > p.min_tokens - 1:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in self.eos_ids and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif p.stop_list and self._check_stop_strings(seq):
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence) -> bool:
+        p = seq.params
+        for stop in p.stop_list:
+            idx = seq.text.find(stop)
+            if idx != -1:
+                seq.text = seq.text[:idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
+                seq.stop_reason = stop
+                return True
+        return False
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text safe to stream: while running, hold back a tail that may start a stop string."""
+        if seq.finished or not seq.params.stop_list:
+            return seq.text
+        hold = max(len(s) for s in seq.params.stop_list) - 1
+        return seq.text[:len(seq.text) - hold] if hold else seq.text
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for i, s in enumerate(req.seqs):
+            text = self._visible_text(s)
+            sent_chars, sent_toks = req.sent[i]
+            out_ids = s.output_ids
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=out_ids, finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason, logprobs=s.logprobs if s.params.logprobs is not None else None,
+                delta_text=text[sent_chars:], delta_token_ids=out_ids[sent_toks:]))
+            req.sent[i] = (len(text), len(out_ids))
+        finished = all(s.finished for s in req.seqs)
+        if finished:
+            self.requests.pop(req.request_id, None)
+        first = req.seqs[0]
+        metrics = {"arrival": req.arrival, "first_token": req.first_token_time,
+                   "now": time.monotonic()}
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             first.prompt_logprobs if req.params.prompt_logprobs is not None else None,
+                             first.num_cached_tokens, metrics)
+
+    # ---- convenience --------------------------------------------------------------------
+    def kv_usage(self) -> float:
+        return self.block_manager.usage()
+
+    def pool_is_full(self) -> bool:
+        """True when every block is free again (no leak)."""
+        return self.block_manager.num_free_blocks == self.block_manager.num_blocks

@@ -1,0 +1,124 @@
+"""Owns the model, the KV cache and the device: turns a scheduled batch into tensors,
+runs one forward pass, and samples.
+"""
+from __future__ import annotations
+
+import torch
+
+from miaotui.config import ModelConfig
+from miaotui.engine.sequence import Sequence
+from miaotui.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from miaotui.layers.sampler import Sampler, make_logprobs
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_blocks: int,
+                 block_size: int, eos_ids: set[int], kv_dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
+        self.model, self.cfg = model, cfg
+        self.block_size = block_size
+        self.device = device
+        self.caches = []
+        for attn in model.attention_layers():
+            attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
+            self.caches.append(attn.cache)
+        self.sampler = Sampler(eos_ids)
+        self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
+
+    @staticmethod
+    def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=kv_dtype).element_size()
+        per = 2 * cfg.num_kv_heads * cfg.head_dim * elem
+        if kv_dtype == torch.int8:
+            per += 2 * cfg.num_kv_heads * 4
+        return per * cfg.num_layers
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _prefill_masks(self, chunk: PrefillChunk, L: int, C: int) -> None:
+        q_pos = torch.arange(chunk.first_pos, chunk.first_pos + L).unsqueeze(1)
+        k_pos = torch.arange(C).unsqueeze(0)
+        if chunk.ctx_slots is not None:
+            chunk.mask = k_pos <= q_pos
+        chunk.sliding_mask = chunk.mask
+        if self.window is not None and C > self.window:
+            chunk.sliding_mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+
+    def prepare(self, batch: list[tuple[Sequence, int]]):
+        """Flatten the batch (prefill chunks first, then single-token decodes)."""
+        prefills = [(s, n) for s, n in batch if n > 1]
+        decodes = [(s, n) for s, n in batch if n == 1]
+        ids, pos, slots, chunks = [], [], [], []
+        row = 0
+        for seq, n in prefills:
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            pos.append(torch.arange(start, start + n))
+            slots.append(self._slots(seq, start, start + n))
+            chunk = PrefillChunk(row, row + n, start, self._slots(seq, 0, start + n) if start else None)
+            self._prefill_masks(chunk, n, start + n)
+            chunks.append(chunk)
+            row += n
+        meta = AttentionMetadata(slot_mapping=None, prefills=chunks, num_prefill_tokens=row)
+        if decodes:
+            lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes])
+            max_len = int(lens.max())
+            nblk = -(-max_len // self.block_size)
+            tables = torch.zeros(len(decodes), nblk, dtype=torch.long)
+            for i, (s, _) in enumerate(decodes):
+                tables[i, :len(s.block_table[:nblk])] = torch.tensor(s.block_table[:nblk])
+            k_pos = torch.arange(max_len)
+            dslots = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
+            cur = (lens - 1).unsqueeze(1)
+            valid = k_pos.unsqueeze(0) <= cur
+            uniform = bool((lens == max_len).all())
+            meta.decode_slots = dslots
+            meta.decode_mask = None if uniform else valid[:, None, None, :]
+            meta.decode_sliding_mask = meta.decode_mask
+            if self.window is not None and max_len > self.window:
+                meta.decode_sliding_mask = (valid & (k_pos.unsqueeze(0) > cur - self.window))[:, None, None, :]
+            for s, _ in decodes:
+                ids.append(s.token_ids[-1])
+            pos.append(lens - 1)
+            slots.append(dslots[torch.arange(len(decodes)), lens - 1])
+        meta.slot_mapping = torch.cat(slots)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        positions = torch.cat(pos)
+        return prefills + decodes, input_ids, positions, meta
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
+        """One forward pass. Returns {seq_id: sampled token} for sequences that reached
+        the end of their known tokens (a finished prefill, or a decode)."""
+        ordered, input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)
+        rows, sample_seqs = [], []
+        end = 0
+        for seq, n in ordered:
+            end += n
+            if seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens:
+                self._prompt_logprobs(seq, hidden[end - n:end], n)
+            if seq.num_computed_tokens + n == len(seq):
+                rows.append(end - 1)
+                sample_seqs.append(seq)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[rows])
+        tokens = self.sampler(logits, sample_seqs)
+        return {s.seq_id: t for s, t in zip(sample_seqs, tokens)}
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
+        """Log-probs of prompt tokens start+1 .. start+n given their prefixes (for scoring)."""
+        start = seq.num_computed_tokens
+        if start == 0:
+            seq.prompt_logprobs.append(None)          # the first token has no context
+        targets = seq.token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
+        if not targets:
+            return
+        lp = torch.log_softmax(self.model.compute_logits(hidden[:len(targets)]).float(), -1)
+        k = seq.params.prompt_logprobs
+        for i, t in enumerate(targets):
+            seq.prompt_logprobs.append(make_logprobs(lp[i], t, k))

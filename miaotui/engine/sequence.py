@@ -1,0 +1,78 @@
+"""A Sequence is one stream of tokens being generated; a request with n > 1 has n of them."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from miaotui.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    logprob: float
+    rank: int                                   # 1 = the most likely token
+    top: dict[int, float] = field(default_factory=dict)
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, index: int, prompt_ids: list[int],
+                 params: SamplingParams, max_new_tokens: int):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.num_computed_tokens = 0             # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0               # of those, how many came from the prefix cache
+        self.num_hashed_blocks = 0               # full blocks registered in the prefix cache
+        self.block_table: list[int] = []
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob | None] = []
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed + index if params.seed is not None
+                                       else torch.seed())
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.detokenizer = None                  # set by the engine
+        self.text = ""                           # generated text after stop-string handling
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_to_compute(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED

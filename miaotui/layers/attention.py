@@ -1,0 +1,116 @@
+"""Attention over a paged KV cache.
+
+The cache of a layer is one flat pool of slots, ``[num_blocks * block_size, kv_heads,
+head_dim]``; a sequence's tokens live in the slots its block table names. Each step the
+model runner builds one :class:`AttentionMetadata` for the whole flat batch: prefill chunks
+first (each attends causally to its cached prefix plus itself), then decode tokens
+(batched: one gather of every sequence's slots, padded, and one masked SDPA call).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillChunk:
+    start: int                           # first row of this chunk in the flat batch
+    end: int
+    first_pos: int                       # position of the chunk's first token
+    ctx_slots: torch.Tensor | None       # slots of positions [0, end_pos); None if first_pos == 0
+    mask: torch.Tensor | None = None     # [L, C] bool, None = plain causal
+    sliding_mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor                      # [T] where each token's K/V is written
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    decode_slots: torch.Tensor | None = None        # [B, max_ctx] (padding points at slot 0)
+    decode_mask: torch.Tensor | None = None         # [B, 1, 1, max_ctx] bool or None
+    decode_sliding_mask: torch.Tensor | None = None
+
+
+class KVCache:
+    """Key/value slots of one layer, optionally int8 with one scale per token and head."""
+
+    def __init__(self, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device="cpu"):
+        self.quantized = dtype == torch.int8
+        self.k = torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        if self.quantized:
+            self.k_scale = torch.zeros(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
+
+    def nbytes(self) -> int:
+        n = self.k.nbytes + self.v.nbytes
+        return n + (self.k_scale.nbytes + self.v_scale.nbytes if self.quantized else 0)
+
+    @staticmethod
+    def _quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+        return torch.round(x / scale).to(torch.int8), scale
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.quantized:
+            kq, ks = self._quant(k)
+            vq, vs = self._quant(v)
+            self.k.index_copy_(0, slots, kq)
+            self.v.index_copy_(0, slots, vq)
+            self.k_scale.index_copy_(0, slots, ks)
+            self.v_scale.index_copy_(0, slots, vs)
+        else:
+            self.k.index_copy_(0, slots, k.to(self.k.dtype))
+            self.v.index_copy_(0, slots, v.to(self.v.dtype))
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots (any shape), shaped slots.shape + [kv_heads, head_dim]."""
+        if self.quantized:
+            k = self.k[slots].to(dtype) * self.k_scale[slots]
+            v = self.v[slots].to(dtype) * self.v_scale[slots]
+            return k, v
+        return self.k[slots].to(dtype), self.v[slots].to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding = sliding
+        self.cache: KVCache | None = None  # set by the model runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
+        self.cache.write(meta.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        for c in meta.prefills:
+            qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
+            if c.ctx_slots is None:
+                kc, vc = k[c.start:c.end], v[c.start:c.end]
+                if self.cache.quantized:  # attend to what later steps will read back
+                    kc, vc = self.cache.read(meta.slot_mapping[c.start:c.end], q.dtype)
+            else:
+                kc, vc = self.cache.read(c.ctx_slots, q.dtype)
+            mask = c.sliding_mask if self.sliding else c.mask
+            o = F.scaled_dot_product_attention(
+                qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
+            out[c.start:c.end] = o[0].transpose(0, 1)
+        if meta.decode_slots is not None:
+            n = meta.num_prefill_tokens
+            qd = q[n:].unsqueeze(2)                                   # [B, H, 1, D]
+            kd, vd = self.cache.read(meta.decode_slots, q.dtype)      # [B, C, KVH, D]
+            mask = meta.decode_sliding_mask if self.sliding else meta.decode_mask
+            o = F.scaled_dot_product_attention(
+                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=mask,
+                scale=self.scale, enable_gqa=True)
+            out[n:] = o.squeeze(2)
+        return out.flatten(1)

@@ -1,0 +1,70 @@
+"""Linear layers that own their weight format and their shard of a merged weight.
+
+A layer may hold several logical weights side by side (q, k and v; gate and up), so a
+step does one large matmul instead of several small ones. Loading goes through
+``load(tensor, shard)``, so checkpoint formats, quantization and (later) tensor parallel
+sharding stay out of the model files.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
+        super().__init__()
+        self.output_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
+        self.in_features = in_features
+        self.out_features = sum(self.output_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self.qweight = None  # a miaotui.layers.quant.QuantWeight once quantized
+        self._raw_parts: dict[int, object] = {}
+
+    def _rows(self, shard: int) -> slice:
+        start = sum(self.output_sizes[:shard])
+        return slice(start, start + self.output_sizes[shard])
+
+    def load(self, w: torch.Tensor, shard: int = 0) -> None:
+        rows = self._rows(shard)
+        if tuple(w.shape) != (rows.stop - rows.start, self.in_features):
+            raise ValueError(f"weight shape {tuple(w.shape)} != {(rows.stop - rows.start, self.in_features)}")
+        self.weight.data[rows] = w.to(self.weight.dtype)
+
+    def load_bias(self, b: torch.Tensor, shard: int = 0) -> None:
+        self.bias.data[self._rows(shard)] = b.to(self.bias.dtype)
+
+    def load_raw(self, raw, shard: int = 0) -> None:
+        """Keep a GGUF-quantized shard quantized; merged in `finish_raw`."""
+        self._raw_parts[shard] = raw
+
+    def finish_raw(self) -> None:
+        if not self._raw_parts:
+            return
+        from miaotui.layers.quant import concat_rows, from_gguf
+        parts = [self._raw_parts[i] for i in range(len(self.output_sizes))]
+        self.qweight = concat_rows([from_gguf(p.data, p.qtype, p.shape) for p in parts])
+        self.weight = None
+        self._raw_parts = {}
+
+    def quantize(self, method: str, group_size: int = 32) -> None:
+        from miaotui.layers import quant
+        if self.qweight is not None or self.weight is None:
+            return
+        w = self.weight.data.float()
+        if method == "int8":
+            self.qweight = quant.quantize_int8(w)
+        elif method == "int4":
+            self.qweight = quant.quantize_int4(w, group_size=group_size)
+        else:
+            raise ValueError(f"unknown quantization {method!r}")
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            y = self.qweight.matmul(x)
+            return y if self.bias is None else y.add_(self.bias)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.linear(x, w, self.bias)

