@@ -70,11 +70,12 @@ class KVCache:
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots (any shape), shaped slots.shape + [kv_heads, head_dim]."""
+        flat, shape = slots.reshape(-1), (*slots.shape, *self.k.shape[1:])
+        k, v = self.k.index_select(0, flat), self.v.index_select(0, flat)  # faster than k[slots]
         if self.quantized:
-            k = self.k[slots].to(dtype) * self.k_scale[slots]
-            v = self.v[slots].to(dtype) * self.v_scale[slots]
-            return k, v
-        return self.k[slots].to(dtype), self.v[slots].to(dtype)
+            k = k.to(dtype) * self.k_scale.index_select(0, flat)
+            v = v.to(dtype) * self.v_scale.index_select(0, flat)
+        return k.to(dtype).view(shape), v.to(dtype).view(shape)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,17 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as safetensors, and its transformers twin."""
+    from util import make_tiny_model
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model = make_tiny_model("llama", str(path))
+    return str(path), model
