@@ -91,7 +91,7 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
         self.cache.write(meta.slot_mapping, k, v)
-        out = torch.empty_like(q)
+        parts = []
         for c in meta.prefills:
             qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)
             if c.ctx_slots is None:
@@ -104,14 +104,14 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(
                 qc, kc.transpose(0, 1).unsqueeze(0), vc.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
-            out[c.start:c.end] = o[0].transpose(0, 1)
+            parts.append(o[0].transpose(0, 1))
         if meta.decode_slots is not None:
-            n = meta.num_prefill_tokens
-            qd = q[n:].unsqueeze(2)                                   # [B, H, 1, D]
+            qd = q[meta.num_prefill_tokens:].unsqueeze(2)             # [B, H, 1, D]
             kd, vd = self.cache.read(meta.decode_slots, q.dtype)      # [B, C, KVH, D]
             mask = meta.decode_sliding_mask if self.sliding else meta.decode_mask
             o = F.scaled_dot_product_attention(
                 qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=mask,
                 scale=self.scale, enable_gqa=True)
-            out[n:] = o.squeeze(2)
-        return out.flatten(1)
+            parts.append(o.squeeze(2))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(out.shape[0], -1)

@@ -19,10 +19,10 @@ class Gemma3DecoderLayer(torch.nn.Module):
                      "pre_feedforward_layernorm", "post_feedforward_layernorm"):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.norm_eps, weight_offset=1.0))
 
-    def forward(self, x, positions, rotary, meta):
-        rotary = rotary[1] if self.sliding else rotary[0]
+    def forward(self, x, ropes, meta):
+        rope = ropes[1] if self.sliding else ropes[0]
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), positions, rotary, meta))
+            self.self_attn(self.input_layernorm(x), rope, meta))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -36,9 +36,9 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids, positions, meta):
         x = self.embed(input_ids) * torch.tensor(self.normalizer, dtype=self.embed_tokens.dtype)
-        rotaries = (self.rotary, self.local_rotary)
+        ropes = (self.rotary.lookup(positions), self.local_rotary.lookup(positions))
         for layer in self.layers:
-            x = layer(x, positions, rotaries, meta)
+            x = layer(x, ropes, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden):

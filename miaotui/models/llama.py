@@ -17,7 +17,7 @@ from miaotui.layers.activation import gated, get_activation
 from miaotui.layers.attention import Attention, AttentionMetadata
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
-from miaotui.layers.rotary import RotaryEmbedding
+from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def load_linear(layer: Linear, w, shard: int = 0, is_bias: bool = False) -> None:
@@ -51,15 +51,15 @@ class LlamaAttention(nn.Module):
         scale = (cfg.query_pre_attn_scalar or self.hd) ** -0.5
         self.attn = Attention(self.nh, self.nkv, self.hd, scale, sliding=cfg.is_sliding(layer))
 
-    def forward(self, x, positions, rotary: RotaryEmbedding, meta: AttentionMetadata):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.nh + 2 * self.nkv, self.hd)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-            qk = rotary(positions, torch.cat((q, k), dim=1))
+            qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
         else:
-            qk = rotary(positions, qkv[:, : self.nh + self.nkv])
+            qk = apply_rotary(qkv[:, : self.nh + self.nkv], *rope)
         q, k = qk.split([self.nh, self.nkv], dim=1)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -83,8 +83,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
-    def forward(self, x, positions, rotary, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta)
+    def forward(self, x, rope, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,8 +114,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         x = self.embed(input_ids)
+        rope = self.rotary.lookup(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, meta)
+            x = layer(x, rope, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
