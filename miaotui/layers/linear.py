@@ -12,6 +12,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def concat_rows(parts: list):
+    """One QuantWeight for row-stacked parts (q, k, v): merged when their layouts agree,
+    else kept side by side (a Q4_K_M file may store v as Q6_K and q, k as Q4_K)."""
+    if len(parts) == 1:
+        return parts[0]
+    a = parts[0]
+    same = all(type(p) is type(a) and p.block_size == a.block_size and p.in_features == a.in_features
+               and p.scale.dtype == a.scale.dtype and (p.min is None) == (a.min is None) for p in parts)
+    if not same:
+        return RowStack(parts)
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return type(a)(cat([p.q for p in parts]), cat([p.scale for p in parts]),
+                   cat([p.min for p in parts]), a.block_size, a.in_features)
+
+
+class RowStack:
+    """Quantized parts of different formats computed one after the other."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.matmul(x) for p in self.parts], dim=-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([p.dequantize() for p in self.parts])
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
         super().__init__()
@@ -43,7 +76,7 @@ class Linear(nn.Module):
     def finish_raw(self) -> None:
         if not self._raw_parts:
             return
-        from miaotui.layers.quant import concat_rows, from_gguf
+        from miaotui.layers.quant import from_gguf
         parts = [self._raw_parts[i] for i in range(len(self.output_sizes))]
         self.qweight = concat_rows([from_gguf(p.data, p.qtype, p.shape) for p in parts])
         self.weight = None

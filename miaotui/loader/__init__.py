@@ -60,6 +60,13 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
     from miaotui.models import get_model_class
     cfg: ModelConfig = ckpt.config
     model = get_model_class(cfg)(cfg)  # torch.empty weights: no memory touched until loaded
+    qcfg = getattr(ckpt, "hf_config", {}).get("quantization_config") or {}
+    if qcfg.get("quant_method") == "miaotui":   # saved by `miaotui quantize`
+        from miaotui.optimize.quantize import load_quantized_state
+        load_quantized_state(model, _progress(ckpt.tensors(), ckpt, progress))
+        return model.eval()
+    if qcfg:
+        raise MiaotuiError(f"unsupported quantization_config {qcfg.get('quant_method')!r}")
     keep_gguf = hasattr(ckpt, "raw_tensors") and quantization is None
     weights = ckpt.raw_tensors() if keep_gguf else ckpt.tensors()
     t0 = time.perf_counter()
@@ -71,8 +78,8 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
     if quantization in ("int8", "int4"):
         from miaotui.layers.linear import Linear
         for m in model.modules():
-            if isinstance(m, Linear):
-                m.quantize(quantization, group_size)
+            if isinstance(m, Linear):   # the output head keeps 8 bits: it is most sensitive
+                m.quantize("int8" if m is model.lm_head else quantization, group_size)
     model.load_seconds = time.perf_counter() - t0
     return model.eval()
 

@@ -1,0 +1,82 @@
+"""`miaotui quantize`: quantize a model's linear weights once and save the result.
+
+The output is a model directory like any other: config.json (with a
+``quantization_config`` that names miaotui's format), the tokenizer, and one
+model.safetensors holding miaotui's own module state: quantized linears as
+``<module>.qweight.{q,scale,min,meta}``, everything else (embeddings, norms) as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+from miaotui.config import MiaotuiError
+from miaotui.layers.linear import Linear
+
+FORMAT = "miaotui"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and mod.qweight is not None:
+            for k, t in mod.qweight.state_dict().items():
+                state[f"{name}.qweight.{k}"] = t
+            if mod.bias is not None:
+                state[f"{name}.bias"] = mod.bias.data
+    tied = set()
+    for name, p in model.named_parameters():
+        mod_name = name.rsplit(".", 1)[0]
+        mod = model.get_submodule(mod_name) if "." in name else model
+        if isinstance(mod, Linear) and mod.qweight is not None:
+            continue
+        if any(p.data_ptr() == t for t in tied):
+            continue  # tied lm_head: saved once as the embedding
+        tied.add(p.data_ptr())
+        state[name] = p.data.contiguous()
+    return state
+
+
+def load_quantized_state(model: torch.nn.Module, tensors) -> None:
+    """Inverse of quantized_state: assign by module path."""
+    from miaotui.layers.quant import QuantWeight
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors:
+        if ".qweight." in name:
+            mod, key = name.split(".qweight.")
+            grouped.setdefault(mod, {})[key] = t
+        else:
+            model.get_parameter(name).data = t
+    for mod, sd in grouped.items():
+        layer = model.get_submodule(mod)
+        layer.qweight = QuantWeight.from_state_dict(sd)
+        layer.weight = None
+
+
+def quantize_model_dir(src: str, out: str, method: str, group_size: int = 32,
+                       progress: bool = True) -> dict:
+    from miaotui.loader import build_model, open_checkpoint
+    ckpt = open_checkpoint(src)
+    if not hasattr(ckpt, "hf_config"):
+        raise MiaotuiError("quantize takes a Hugging Face model directory; GGUF files are "
+                           "already quantized and run as they are")
+    model = build_model(ckpt, quantization=method, group_size=group_size, progress=progress)
+    os.makedirs(out, exist_ok=True)
+    state = quantized_state(model)
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(ckpt.hf_config)
+    cfg["quantization_config"] = {"quant_method": FORMAT, "method": method,
+                                  "group_size": group_size}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(out, name))
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    return {"out": out, "method": method, "bytes": size}

@@ -1,0 +1,28 @@
+"""`miaotui quantize`: a saved quantized checkpoint loads and runs like quantizing at load."""
+import os
+
+import pytest
+
+from miaotui import LLM, SamplingParams
+from miaotui.cli import main
+from util import make_tiny_model
+
+P = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+PROMPT = [[5, 6, 7, 8, 9, 40, 41]]
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_roundtrip(tmp_path, method):
+    src, out = str(tmp_path / "src"), str(tmp_path / "q")
+    make_tiny_model("qwen2", src)
+    assert main(["quantize", src, out, "--method", method]) == 0
+    assert os.path.getsize(os.path.join(out, "model.safetensors")) < os.path.getsize(
+        os.path.join(src, "model.safetensors"))
+    at_load = LLM(src, quantization=method, kv_cache_memory=8 << 20).generate(PROMPT, P)
+    saved = LLM(out, kv_cache_memory=8 << 20).generate(PROMPT, P)
+    assert saved[0].outputs[0].token_ids == at_load[0].outputs[0].token_ids
+
+
+def test_quantize_rejects_gguf_and_bad_paths(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
