@@ -1,0 +1,468 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics.
+
+Every request is checked in the same order (API key, JSON, schema, model name, sampling
+parameters, context window, queue room) and any failure becomes an OpenAI-style error
+body with a 4xx status (503 when the waiting queue is full). Accepted requests go to the
+:class:`AsyncEngine`; a client that disconnects has its requests aborted at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from miaotui.config import MiaotuiError
+from miaotui.engine.async_engine import AsyncEngine, RequestStream
+from miaotui.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
+from miaotui.engine.sequence import Logprob
+from miaotui.sampling_params import InvalidParams, SamplingParams
+from miaotui.serve import protocol as P
+from miaotui.serve.metrics import Metrics, RequestTimer
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class APIError(Exception):
+    """Becomes {"error": {...}} with the given status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=type, param=param, code=code))
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body.model_dump(), status_code=err.status, headers=err.headers)
+
+
+@dataclass
+class _Job:
+    """One HTTP generation request: its prompts, the options that shape the answer, and
+    the engine requests (one per prompt) it became."""
+    id: str
+    prompts: list[tuple[str, list[int]]]         # (text, token ids) per prompt
+    n: int
+    logprobs: int | None = None
+    echo: bool = False
+    include_usage: bool = False
+    stream: RequestStream | None = None
+    timer: RequestTimer | None = None
+    finals: dict[str, RequestOutput] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)   # log-prob text offsets
+
+    def request_id(self, prompt_index: int) -> str:
+        return f"{self.id}-{prompt_index}"
+
+    def prompt_index(self, request_id: str) -> int:
+        return int(request_id.rsplit("-", 1)[1])
+
+    def usage(self) -> P.Usage:
+        prompt = sum(len(ids) for _, ids in self.prompts)
+        completion = sum(len(o.token_ids) for out in self.finals.values() for o in out.outputs)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                       total_tokens=prompt + completion)
+
+
+class _Server:
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None,
+                 max_waiting: int):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_waiting = max_waiting
+        self.max_model_len = engine.engine.max_model_len
+        self.metrics = Metrics(engine)
+        self._token_texts: dict[int, str] = {}
+
+    # ---- checks -------------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                           "authentication_error", code="invalid_api_key")
+
+    async def parse(self, request: Request, schema: type[BaseModel]):
+        self.check_auth(request)
+        try:
+            body = json.loads(await request.body(), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:   # includes JSON and UTF-8 decode errors
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise APIError(400, f"{where}: {first['msg']}", param=str(first["loc"][0])) from None
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                           f"{self.model_name!r}", param="model", code="model_not_found")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        return req
+
+    def sampling_params(self, req: P.SamplingRequest, max_tokens: int | None,
+                        logprobs: int | None = None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
+        def pick(value, default):
+            return default if value is None else value
+        try:
+            return SamplingParams(
+                n=req.n, max_tokens=max_tokens, temperature=pick(req.temperature, 1.0),
+                top_p=pick(req.top_p, 1.0), top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0),
+                seed=req.seed, stop=req.stop, presence_penalty=pick(req.presence_penalty, 0.0),
+                frequency_penalty=pick(req.frequency_penalty, 0.0),
+                repetition_penalty=pick(req.repetition_penalty, 1.0), ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        except InvalidParams as exc:
+            raise APIError(400, str(exc), param=exc.param) from None
+
+    def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        need = len(ids) + (1 if max_tokens is None else max_tokens)
+        if need > self.max_model_len:
+            asked = "at least 1" if max_tokens is None else str(max_tokens)
+            raise APIError(400, f"this model's context window is {self.max_model_len} tokens, but "
+                           f"{len(ids)} prompt tokens + {asked} completion tokens were requested",
+                           param=param, code="context_length_exceeded")
+
+    async def submit(self, job: _Job, params: SamplingParams) -> None:
+        if self.engine.num_waiting >= self.max_waiting:
+            raise APIError(503, "the server is busy, retry shortly", "server_overloaded",
+                           code="queue_full", headers={"Retry-After": "1"})
+        job.timer = RequestTimer(self.metrics)
+        requests = [(job.request_id(i), ids, params) for i, (_, ids) in enumerate(job.prompts)]
+        try:
+            job.stream = await self.engine.add_requests(requests)
+        except MiaotuiError as exc:
+            raise APIError(400, str(exc)) from None
+
+    # ---- token text and log-probs -------------------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def legacy_logprobs(self, token_ids: list[int], entries: list[Logprob | None],
+                        offset: int) -> P.CompletionLogprobs:
+        """Completions format; `offset` is where the first token starts in prompt + text."""
+        out = P.CompletionLogprobs()
+        for token_id, entry in zip(token_ids, entries):
+            text = self.token_text(token_id)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if entry is None:             # the first prompt token has no context
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            top = {self.token_text(t): lp for t, lp in entry.top.items()}
+            top.setdefault(text, entry.logprob)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append(top)
+        return out
+
+    def chat_logprobs(self, entries: list[Logprob]) -> P.ChatLogprobs:
+        def item(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return P.ChatLogprobs(content=[
+            P.TokenLogprob(**item(e.token_id, e.logprob),
+                           top_logprobs=[P.TopLogprob(**item(t, lp)) for t, lp in e.top.items()])
+            for e in entries])
+
+    # ---- running a job ------------------------------------------------------------------
+    async def outputs(self, job: _Job) -> AsyncIterator[RequestOutput]:
+        """The job's outputs as they come; aborts the job if the consumer stops early."""
+        try:
+            async for out in job.stream:
+                job.timer.on_output(out)
+                if out.finished:
+                    job.finals[out.request_id] = out
+                yield out
+            job.timer.done([o.finish_reason for out in job.finals.values() for o in out.outputs])
+        finally:
+            if not job.stream.finished:
+                job.stream.abort()
+                job.timer.aborted()
+
+    async def collect(self, request: Request, job: _Job) -> None:
+        """Run the job to the end, unless the client disconnects first."""
+        async def drain():
+            async for _ in self.outputs(job):
+                pass
+        task = asyncio.ensure_future(drain())
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if not task.done() or task.cancelled():
+            raise APIError(499, "the client disconnected", code="client_closed_request")
+        try:
+            task.result()
+        except MiaotuiError as exc:
+            raise APIError(400, str(exc)) from None
+
+    def sse(self, events: AsyncIterator[BaseModel]) -> StreamingResponse:
+        async def body():
+            try:
+                async for event in events:
+                    yield f"data: {event.model_dump_json()}\n\n"
+            except Exception as exc:      # the engine failed after the response started
+                err = APIError(500, f"generation failed: {exc}", "server_error")
+                yield f"data: {err.body.model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- /v1/completions ----------------------------------------------------------------
+    def completion_prompts(self, prompt) -> list[tuple[str, list[int]]]:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        prompts = []
+        for p in prompt:
+            if isinstance(p, str):
+                prompts.append((p, self.tokenizer.encode(p)))
+            else:
+                bad = [t for t in p if not 0 <= t < self.engine.engine.model_config.vocab_size]
+                if bad:
+                    raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="prompt")
+                prompts.append((self.tokenizer.decode(p), p))
+            if not prompts[-1][1]:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+        return prompts
+
+    async def completions(self, request: Request) -> Response:
+        req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of must equal n", param="best_of")
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        job = _Job(P.random_id("cmpl"), self.completion_prompts(req.prompt), req.n,
+                   req.logprobs, req.echo,
+                   bool(req.stream_options and req.stream_options.include_usage))
+        for _, ids in job.prompts:
+            self.check_length(ids, req.max_tokens, "max_tokens")
+        await self.submit(job, params)
+        if req.stream:
+            return self.sse(self.completion_chunks(job))
+        await self.collect(request, job)
+        choices = []
+        for rid, out in sorted(job.finals.items(), key=lambda kv: job.prompt_index(kv[0])):
+            for o in out.outputs:
+                choices.append(self.completion_choice(job, out, o, o.text, o.token_ids, o.logprobs,
+                                                      True, o.finish_reason))
+        return JSONResponse(P.CompletionResponse(id=job.id, model=self.model_name, choices=choices,
+                                                 usage=job.usage()).model_dump())
+
+    def completion_choice(self, job: _Job, out: RequestOutput, o: CompletionOutput, text: str,
+                          token_ids: list[int], entries: list[Logprob] | None, with_echo: bool,
+                          finish_reason: str | None) -> P.CompletionChoice:
+        """A choice carrying `text` (the new tokens `token_ids`), echoed prompt first if asked."""
+        i = job.prompt_index(out.request_id)
+        prompt_text, prompt_ids = job.prompts[i]
+        logprobs = None
+        if job.logprobs is not None:
+            key = (out.request_id, o.index)
+            start = job.offsets.get(key, len(prompt_text))     # text offsets run over prompt + text
+            logprobs = self.legacy_logprobs(token_ids, entries or [], start)
+            job.offsets[key] = start + sum(len(t) for t in logprobs.tokens)
+            if with_echo and job.echo:
+                head = self.legacy_logprobs(prompt_ids, out.prompt_logprobs or [], 0)
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    setattr(logprobs, name, getattr(head, name) + getattr(logprobs, name))
+        if with_echo and job.echo:
+            text = prompt_text + text
+        return P.CompletionChoice(index=i * job.n + o.index, text=text, logprobs=logprobs,
+                                  finish_reason=finish_reason)
+
+    async def completion_chunks(self, job: _Job) -> AsyncIterator[P.CompletionResponse]:
+        echoed: set[tuple[str, int]] = set()
+        async for out in self.outputs(job):
+            choices = []
+            for o in out.outputs:
+                new_ids = o.delta_token_ids
+                entries = o.logprobs[len(o.token_ids) - len(new_ids):] if o.logprobs else None
+                echo = job.echo and (o.token_ids or out.finished) and (out.request_id, o.index) not in echoed
+                if echo:
+                    echoed.add((out.request_id, o.index))
+                if o.delta_text or o.finish_reason or echo or (job.logprobs is not None and new_ids):
+                    choices.append(self.completion_choice(job, out, o, o.delta_text, new_ids, entries,
+                                                          echo, o.finish_reason))
+            if choices:
+                yield P.CompletionResponse(id=job.id, model=self.model_name, choices=choices)
+        if job.include_usage:
+            yield P.CompletionResponse(id=job.id, model=self.model_name, choices=[], usage=job.usage())
+
+    # ---- /v1/chat/completions -----------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except MiaotuiError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        try:
+            params = self.sampling_params(req, max_tokens, logprobs)
+        except APIError as err:
+            if err.body.error.param == "logprobs":
+                err.body.error.param = "top_logprobs"
+            raise
+        job = _Job(P.random_id("chatcmpl"), [(text, ids)], req.n, logprobs,
+                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        self.check_length(ids, max_tokens, "max_completion_tokens"
+                          if req.max_completion_tokens is not None else "max_tokens")
+        await self.submit(job, params)
+        if req.stream:
+            return self.sse(self.chat_chunks(job))
+        await self.collect(request, job)
+        out = job.finals[job.request_id(0)]
+        choices = [P.ChatChoice(index=o.index, message=P.ChatResponseMessage(content=o.text),
+                                logprobs=self.chat_logprobs(o.logprobs) if logprobs is not None else None,
+                                finish_reason=o.finish_reason)
+                   for o in out.outputs]
+        return JSONResponse(P.ChatCompletionResponse(id=job.id, model=self.model_name,
+                                                     choices=choices, usage=job.usage()).model_dump())
+
+    async def chat_chunks(self, job: _Job) -> AsyncIterator[P.ChatCompletionChunk]:
+        def chunk(choices):
+            return P.ChatCompletionChunk(id=job.id, model=self.model_name, choices=choices)
+        yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))
+                     for i in range(job.n)])
+        async for out in self.outputs(job):
+            choices = []
+            for o in out.outputs:
+                new_ids = o.delta_token_ids
+                logprobs = None
+                if job.logprobs is not None and new_ids:
+                    logprobs = self.chat_logprobs(o.logprobs[len(o.token_ids) - len(new_ids):])
+                if o.delta_text or logprobs or o.finish_reason:
+                    delta = P.ChatDelta(content=o.delta_text or None)
+                    choices.append(P.ChatChunkChoice(index=o.index, delta=delta, logprobs=logprobs,
+                                                     finish_reason=o.finish_reason))
+            if choices:
+                yield chunk(choices)
+        if job.include_usage:
+            yield P.ChatCompletionChunk(id=job.id, model=self.model_name, choices=[], usage=job.usage())
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the request body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _CountRequests:
+    """ASGI middleware: count every HTTP response by path and status code."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(path, str(status)).inc()
+
+
+def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
+               max_waiting: int = 128) -> FastAPI:
+    """The FastAPI app serving `engine` under `served_model_name`.
+
+    Given an LLMEngine, the app wraps it in an AsyncEngine and stops that at shutdown.
+    """
+    if max_waiting < 1:
+        raise MiaotuiError("max_waiting must be at least 1")
+    owned = isinstance(engine, LLMEngine)
+    async_engine = AsyncEngine(engine) if owned else engine
+    server = _Server(async_engine, served_model_name, api_key, max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if owned:
+            async_engine.shutdown()
+
+    app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(_CountRequests, metrics=server.metrics)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, exc: Exception):
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_auth(request)
+        card = P.ModelCard(id=served_model_name, max_model_len=server.max_model_len)
+        return P.ModelList(data=[card]).model_dump()
+
+    @app.get("/health")
+    async def health():
+        if not async_engine._thread.is_alive():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

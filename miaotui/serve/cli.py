@@ -1,0 +1,60 @@
+"""`miaotui serve`: the OpenAI-compatible HTTP server."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from miaotui.config import MiaotuiError
+
+
+def served_name(model_path: str) -> str:
+    """The default model name: the checkpoint's file or directory name, without .gguf."""
+    name = os.path.basename(os.path.normpath(model_path))
+    return name[:-5] if name.endswith(".gguf") else name
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from miaotui.cli import load_llm
+    from miaotui.serve.api import create_app
+    if not 0 < args.port < 65536:
+        raise MiaotuiError(f"--port {args.port} is not a valid port")
+    api_key = args.api_key or os.environ.get("MIAOTUI_API_KEY")
+    if not _is_loopback(args.host) and not api_key:
+        print(f"[miaotui] warning: serving on {args.host} without --api-key; anyone who can "
+              "reach this address can use the model", file=sys.stderr)
+    llm = load_llm(args)
+    name = args.served_model_name or served_name(llm.engine.model_path)
+    app = create_app(llm.engine, name, api_key=api_key, max_waiting=args.max_waiting)
+    print(f"[miaotui] serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_parser(subparsers) -> None:
+    from miaotui.cli import add_model_args
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    add_model_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MIAOTUI_API_KEY, else none)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients must send (default: the checkpoint's name)")
+    g.add_argument("--max-waiting", type=int, default=128,
+                   help="waiting requests beyond which new ones get 503 + Retry-After")
+    g.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)

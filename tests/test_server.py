@@ -1,0 +1,340 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on a free loopback port,
+driven by the official `openai` client (and raw httpx for malformed requests).
+
+Most tests use the tiny random Llama; one uses the default SmolLM2 model.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from miaotui.config import MiaotuiError
+from miaotui.llm import LLM
+from miaotui.sampling_params import SamplingParams
+from miaotui.serve.api import create_app
+
+KEY = "test-key"
+KV = 32 << 20          # a small KV pool keeps the tiny engines light
+
+
+@contextlib.contextmanager
+def serve(engine, name: str, **kwargs):
+    """Run create_app(engine) with uvicorn in a thread; yield the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine, name, **kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{base}/metrics").text
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    """(base URL, served engine, reference LLM, transformers model) for the tiny Llama."""
+    path, hf_model = tiny_llama_dir
+    ref = LLM(path, kv_cache_memory=KV)
+    served = LLM(path, kv_cache_memory=KV).engine
+    with serve(served, "tiny", api_key=KEY) as base:
+        yield base, served, ref, hf_model
+
+
+@pytest.fixture
+def client(tiny):
+    return openai.OpenAI(base_url=tiny[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+# ---- the happy paths --------------------------------------------------------------------
+def test_completions_match_llm(tiny, client):
+    _, _, ref, _ = tiny
+    want = ref.generate(["Hello there", "abc"], greedy(20))
+    r = client.completions.create(model="tiny", prompt=["Hello there", "abc"], max_tokens=20,
+                                  temperature=0)
+    assert [c.text for c in r.choices] == [w.outputs[0].text for w in want]
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].finish_reason == want[0].outputs[0].finish_reason
+    n_prompt = sum(len(w.prompt_token_ids) for w in want)
+    n_out = sum(len(w.outputs[0].token_ids) for w in want)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, n_out)
+
+    ids = want[0].prompt_token_ids           # a token-id prompt gives the same answer
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0)
+    assert r.choices[0].text == want[0].outputs[0].text
+
+    stream = client.completions.create(model="tiny", prompt="Hello there", max_tokens=20,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].outputs[0].text
+    assert chunks[-1].usage.completion_tokens == len(want[0].outputs[0].token_ids)
+
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=8, n=3, seed=7,
+                                  temperature=1.0, logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 8
+    # top 2 plus the chosen token, keyed by text (undecodable byte tokens may share a key)
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == len("abc")
+
+
+def test_chat_matches_llm(tiny, client):
+    _, _, ref, _ = tiny
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    want = ref.chat(messages, greedy(12))[0]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=12,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want.outputs[0].text
+    assert choice.finish_reason == want.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert len(choice.logprobs.content) == len(want.outputs[0].token_ids)
+    assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+    first = choice.logprobs.content[0]       # greedy: the chosen token is the most likely one
+    assert first.logprob == pytest.approx(first.top_logprobs[0].logprob)
+
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.outputs[0].text
+    assert chunks[-1].choices[0].finish_reason == want.outputs[0].finish_reason
+
+
+def test_concurrent_streams(tiny):
+    base, served, ref, _ = tiny
+    prompts = [f"request number {i}: " + "xy" * (i % 7) for i in range(32)]
+    want = [o.outputs[0].text for o in ref.generate(prompts, greedy(24))]
+
+    async def one(aclient, prompt):
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                                  temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0) as ac:
+            return await asyncio.gather(*(one(ac, p) for p in prompts))
+
+    got = asyncio.run(main())
+    assert got == want
+    assert wait_for(served.pool_is_full)
+    assert metric(base, "miaotui_num_running_seqs") == 0
+
+
+def test_disconnect_aborts_request(tiny):
+    base, served, _, _ = tiny
+    aborted = metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
+    body = {"model": "tiny", "prompt": "go on", "max_tokens": 900, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        assert served.kv_usage() > 0
+    # closing the response drops the connection: the server aborts the request
+    assert wait_for(lambda: metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
+                    == aborted + 1)
+    assert wait_for(served.pool_is_full)
+    assert metric(base, "miaotui_kv_cache_usage_ratio") == 0
+
+
+def test_disconnect_aborts_non_streaming_request(tiny):
+    base, served, _, _ = tiny
+    aborted = metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
+    body = {"model": "tiny", "prompt": "go on", "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=0.5)
+    assert wait_for(lambda: metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
+                    == aborted + 1)
+    assert wait_for(served.pool_is_full)
+    assert metric(base, "miaotui_http_requests_total", '{path="/v1/completions",status="499"}') >= 1
+
+
+def test_async_engine_isolates_errors(tiny):
+    """A bad request, a cancelled one and a failed step each affect only their own requests."""
+    from miaotui.engine.async_engine import AsyncEngine
+    engine = tiny[2].engine                   # the reference LLM's engine, borrowed
+    want = tiny[2].generate("abc", greedy(30))[0].outputs[0].text
+
+    async def text_of(rid, prompt, params):
+        return "".join([o.outputs[0].delta_text async for o in ae.generate(rid, prompt, params)])
+
+    async def main():
+        good = asyncio.create_task(text_of("good", "abc", greedy(30)))
+        doomed = asyncio.create_task(text_of("doomed", "xyz", greedy(500, ignore_eos=True)))
+        with pytest.raises(MiaotuiError):
+            await text_of("empty", [], greedy(5))
+        await asyncio.sleep(0.2)
+        doomed.cancel()
+        assert await good == want
+        engine.step = lambda: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            await text_of("unlucky", "abc", greedy(5))
+        del engine.step
+        assert await text_of("after", "abc", greedy(30)) == want
+
+    ae = AsyncEngine(engine)
+    try:
+        asyncio.run(main())
+    finally:
+        ae.shutdown()
+    assert engine.pool_is_full() and not engine.has_unfinished()
+
+
+def test_echo_logprobs_scoring(tiny, client):
+    _, _, ref, hf_model = tiny
+    text = "The quick brown fox"
+    r = client.completions.create(model="tiny", prompt=text, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == text and r.usage.completion_tokens == 0
+    ids = ref.tokenizer.encode(text)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    lps = choice.logprobs
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    assert lps.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    best = lp[0].topk(2)
+    top1 = lps.top_logprobs[1]
+    for token_id, value in zip(best.indices.tolist(), best.values.tolist()):
+        assert top1[ref.tokenizer.decode([token_id])] == pytest.approx(value, abs=1e-4)
+
+
+# ---- bad input --------------------------------------------------------------------------
+AUTH = {"Authorization": f"Bearer {KEY}"}
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [  # (path, raw body or JSON, headers, status, param)
+    (C, '{"model": "tiny", "prompt": ', AUTH, 400, None),
+    (C, "[1, 2]", AUTH, 400, None),
+    (C, {"model": "tiny"}, AUTH, 400, "prompt"),
+    (C, {"model": "tiny", "prompt": "x", "max_tokens": "5"}, AUTH, 400, "max_tokens"),
+    (C, {"model": "tiny", "prompt": "x", "temperature": True}, AUTH, 400, "temperature"),
+    (C, {"model": "tiny", "prompt": "x", "temperature": -1}, AUTH, 400, "temperature"),
+    (C, {"model": "tiny", "prompt": "x", "top_p": 0}, AUTH, 400, "top_p"),
+    (C, {"model": "tiny", "prompt": "x", "max_tokens": -1}, AUTH, 400, "max_tokens"),
+    (C, {"model": "tiny", "prompt": "x", "logprobs": 50}, AUTH, 400, "logprobs"),
+    (C, {"model": "tiny", "prompt": "x", "n": 0}, AUTH, 400, "n"),
+    (C, {"model": "tiny", "prompt": []}, AUTH, 400, "prompt"),
+    (C, {"model": "tiny", "prompt": [5, 100000]}, AUTH, 400, "prompt"),
+    (C, {"model": "tiny", "prompt": "x" * 1030}, AUTH, 400, "max_tokens"),
+    (C, {"model": "tiny", "prompt": "x", "max_tokens": 1024}, AUTH, 400, "max_tokens"),
+    (C, {"model": "gpt-4", "prompt": "x"}, AUTH, 404, "model"),
+    (C, {"model": "tiny", "prompt": "x"}, {}, 401, None),
+    (C, {"model": "tiny", "prompt": "x"}, {"Authorization": "Bearer wrong"}, 401, None),
+    (CHAT, {"model": "tiny", "messages": []}, AUTH, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, AUTH, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": "hi"}, AUTH, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": MSG, "max_completion_tokens": 5000}, AUTH, 400,
+     "max_completion_tokens"),
+    (CHAT, {"model": "tiny", "messages": MSG, "logprobs": True, "top_logprobs": 99}, AUTH, 400,
+     "top_logprobs"),
+    (CHAT, {"model": "nope", "messages": MSG}, AUTH, 404, "model"),
+    ("/v1/models", None, {}, 401, None),
+    ("/v1/nothing", {}, AUTH, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,headers,status,param", BAD)
+def test_bad_input(tiny, path, body, headers, status, param):
+    base = tiny[0]
+    if body is None:
+        r = httpx.get(base + path, headers=headers)
+    else:
+        raw = body if isinstance(body, str) else json.dumps(body)
+        r = httpx.post(base + path, content=raw, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_input_via_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=2000)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MSG)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="wrong").models.list()
+    assert [m.id for m in client.models.list()] == ["tiny"]   # still serving
+
+
+def test_queue_full_gives_503(tiny_llama_dir):
+    engine = LLM(tiny_llama_dir[0], kv_cache_memory=KV, max_num_seqs=1).engine
+    body = {"prompt": "x", "max_tokens": 300, "ignore_eos": True}
+
+    async def main(base):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as h:
+            return await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(6)))
+
+    with serve(engine, "tiny", max_waiting=1) as base:
+        replies = asyncio.run(main(base))
+        codes = sorted(r.status_code for r in replies)
+        assert codes.count(200) >= 2 and 503 in codes, codes
+        busy = next(r for r in replies if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["code"] == "queue_full"
+        assert metric(base, "miaotui_http_requests_total", '{path="/v1/completions",status="503"}') \
+            == codes.count(503)
+        assert httpx.get(base + "/health").json() == {"status": "ok"}
+        assert wait_for(engine.pool_is_full)
+
+
+# ---- the default model ------------------------------------------------------------------
+def test_default_model_chat_and_stream():
+    try:
+        llm = LLM(kv_cache_memory=64 << 20)
+    except MiaotuiError as exc:
+        pytest.skip(f"default model unavailable: {exc}")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = llm.chat(messages, greedy(16))[0].outputs[0]
+    want_completion = llm.generate("The capital of France is", greedy(8))[0].outputs[0].text
+    with serve(llm.engine, "smollm2") as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=16,
+                                      temperature=0)
+        assert r.choices[0].message.content == want.text
+        stream = c.completions.create(model="smollm2", prompt="The capital of France is",
+                                      max_tokens=8, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in stream) == want_completion
