@@ -8,6 +8,7 @@ import torch
 from miaotui.config import ModelConfig
 from miaotui.engine.sequence import Sequence
 from miaotui.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from miaotui.layers.quant import exact_activations
 from miaotui.layers.sampler import Sampler, make_logprobs
 
 
@@ -94,6 +95,10 @@ class ModelRunner:
         """One forward pass. Returns {seq_id: sampled token} for sequences that reached
         the end of their known tokens (a finished prefill, or a decode)."""
         ordered, input_ids, positions, meta = self.prepare(batch)
+        with exact_activations(bool(meta.prefills)):
+            return self._forward(ordered, input_ids, positions, meta)
+
+    def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)
         rows, sample_seqs = [], []
         end = 0

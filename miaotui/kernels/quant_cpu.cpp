@@ -1,0 +1,506 @@
+// Weight-only quantized matmul for x86-64 CPUs with AVX2, FMA and F16C.
+//
+// Weight layout (built by miaotui/layers/quant.py):
+//   int8: q int8 [N, K]
+//   int4: q uint8 [N, K/2]; each block of 32 values takes 16 bytes, byte i holding
+//         value i in its low nibble and value i+16 in its high nibble (GGUF's Q4_0 order)
+//   scale [N, K/B] float32 or float16, and for some formats min [N, K/B]:
+//         w = scale * q + min      int8, and int4 with a min
+//         w = scale * (q - 8)      int4 without a min ("offset" = 8)
+//   B, the block that shares one scale, is 16 (int8 only), 32 * 2^s, or K (one per row).
+//   K is a multiple of 32 (the Python side pads int8 rows with zeros when needed).
+//
+// qmatmul (decode, small T): every row of x is quantized to int8 in blocks of 32,
+// x ~ dx * xq, and the dot product of each block is an integer one (maddubs + madd):
+//   y = sum_b scale_b * dx_b * sum(q * xq)  +  sum_b c_b * dx_b * sum(xq),
+//   c_b = min_b (or -8 * scale_b), the second term summed per scale block.
+// Eight blocks' integer sums are gathered into one vector (hadd) before the float
+// scaling, so the scales cost one multiply and one FMA per eight blocks. Each weight byte
+// is read once per call (per 4 tokens, from L2, when T > 4); rows are split between
+// threads.
+//
+// dequant (prefill, large T): float32 rows for BLAS, bit-exact with the Python
+// reference (compiled with -ffp-contract=off: a multiply then an add, never an FMA).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
+
+inline float to_float(float v) { return v; }
+inline float to_float(half_t v) { return _cvtsh_ss(v); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i load32(const void* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 4-bit values of one block as bytes 0..15.
+inline __m256i unpack_int4(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+// Sum of w * x over a block of 32, as 8 int32 partial sums (lane i: values 4i..4i+3).
+// maddubs multiplies unsigned by signed bytes: 4-bit values are unsigned already; for
+// int8 weights the sign moves onto x (|w| * (x * sign w)).
+inline __m256i dot_u4(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+inline __m256i dot_s8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                           _mm256_set1_epi16(1));
+}
+
+// Threads for the row loops. at::parallel_for (OpenMP) ends each call at a barrier that
+// waits for every thread, so when another process holds a core the call stalls until the
+// scheduler runs the late thread (4-8 ms a call on a busy 2-core machine, more than a
+// whole matmul). Here the caller and helper threads take chunks from a shared counter
+// and the caller waits only for chunks a helper has started: a helper that wakes up late
+// finds no work left and the caller has done it all.
+class Workers {
+ public:
+  static Workers& instance() {
+    static Workers* w = new Workers();  // never destroyed: the helpers outlive main()
+    return *w;
+  }
+
+  // f(c) for c in 0..n, shared by the caller and up to threads - 1 helpers.
+  void run(int64_t n, int threads, const std::function<void(int64_t)>& f) {
+    if (threads <= 1 || n <= 1) {
+      for (int64_t c = 0; c < n; ++c) f(c);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job_at_a_time(job_mu_);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      for (; n_helpers_ < threads - 1; ++n_helpers_)
+        std::thread([this, i = n_helpers_] { helper(i); }).detach();
+      job_ = &f;
+      n_ = n;
+      next_ = 0;
+      max_helpers_ = threads - 1;
+      open_ = true;
+      ++gen_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    open_ = false;  // helpers that wake up from now on stay out
+    idle_.wait(lk, [this] { return busy_ == 0; });
+  }
+
+ private:
+  void work() {
+    for (int64_t c; (c = next_.fetch_add(1)) < n_;) (*job_)(c);
+  }
+
+  void helper(int index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      // Spin a little (~50 us) before sleeping: matmuls come back to back when decoding.
+      lk.unlock();
+      for (int i = 0; i < 1000 && gen_.load(std::memory_order_relaxed) == seen; ++i) _mm_pause();
+      lk.lock();
+      wake_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (!open_ || index >= max_helpers_) continue;
+      ++busy_;
+      lk.unlock();
+      work();
+      lk.lock();
+      if (--busy_ == 0) idle_.notify_one();
+    }
+  }
+
+  std::mutex job_mu_, mu_;  // mu_ guards everything below but next_
+  std::condition_variable wake_, idle_;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<uint64_t> gen_{0};  // the job's number (written under mu_)
+  bool open_ = false;
+  int n_helpers_ = 0, max_helpers_ = 0, busy_ = 0;
+};
+
+// f(begin, end) over [0, n) in chunks of at least `grain`, on at::get_num_threads() threads.
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
+  const int threads = at::get_num_threads();
+  const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  Workers::instance().run(chunks, threads, [&](int64_t c) {
+    f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
+struct Weights {
+  const uint8_t* q;
+  const void* scale;
+  const void* min;  // nullptr: none
+  int64_t N, K;
+  int64_t nwb;        // scale blocks per row
+  int shift;          // scale index of 32-block b is b >> shift (B == 16: unused)
+  int64_t row_bytes;
+  float offset;       // 8 for int4 without a min, else 0
+};
+
+struct Acts {
+  const int8_t* q;  // [T, K]
+  const float* d;   // [T, K/32] scale of each block
+  const float* s;   // [T, nwb]  sum over a scale block of dx * sum(xq); nullptr if unused
+};
+
+// Quantize x [T, K] per block of 32: xq = round(x / dx), dx = max|x| / 127.
+// bsum gets dx * sum(xq) of each block.
+void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* bsum) {
+  const int64_t nb = K / 32;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  parallel_rows(T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0 * nb; i < t1 * nb; ++i) {
+      const float* p = x + 32 * i;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(p + 8 * k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+      }
+      __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_movehdup_ps(m));
+      const float a = _mm_cvtss_f32(m);
+      const float d = a / 127.0f;
+      const __m256 id = _mm256_set1_ps(a > 0.0f ? 127.0f / a : 0.0f);
+      __m256i q[4];
+      for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id));
+      // sum of the 32 integers
+      __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      // int32 -> int8; the packs interleave 128-bit lanes, the permute puts them back
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                           _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i),
+                          _mm256_permutevar8x32_epi32(b, perm));
+      dx[i] = d;
+      bsum[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+    }
+  });
+}
+
+// sum_b c_b * s_b with c_b = min_b, or -offset * scale_b when there is no min.
+template <typename S>
+float min_term(const S* mn, const S* sc, float offset, const float* s, int64_t nwb) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 neg_off = _mm256_set1_ps(-offset);
+  int64_t i = 0;
+  for (; i + 8 <= nwb; i += 8) {
+    const __m256 c = mn ? load8(mn + i) : _mm256_mul_ps(load8(sc + i), neg_off);
+    acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(s + i), acc);
+  }
+  float r = hsum(acc);
+  for (; i < nwb; ++i) r += (mn ? to_float(mn[i]) : -offset * to_float(sc[i])) * s[i];
+  return r;
+}
+
+// Eight blocks' dot products p[0..7] (8 int32 lanes each) summed by hadd: lane j of lo
+// (j < 4) is the sum of p[j]'s lanes 0-3 (its values 0..15), lane 4 + j that of lanes 4-7
+// (values 16..31); hi likewise for p[4 + j].
+inline void reduce8(const __m256i (&p)[8], __m256i& lo, __m256i& hi) {
+  lo = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  hi = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+}
+
+// The weight scales of blocks b..b+7 (b a multiple of 8): block i uses s[i >> shift].
+template <typename S>
+inline __m256 scales8(const S* s, int64_t b, int shift) {
+  if (shift == 0) return load8(s + b);
+  const int64_t i = b >> shift;
+  if (shift == 1) {
+    const float a = to_float(s[i]), c = to_float(s[i + 1]), d = to_float(s[i + 2]),
+                e = to_float(s[i + 3]);
+    return _mm256_setr_ps(a, a, c, c, d, d, e, e);
+  }
+  if (shift == 2) {
+    const float a = to_float(s[i]), c = to_float(s[i + 1]);
+    return _mm256_setr_ps(a, a, a, a, c, c, c, c);
+  }
+  return _mm256_set1_ps(to_float(s[i]));
+}
+
+// y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM. Blocks go eight at a time: their
+// integer dot products are reduced to one vector of eight sums, scaled by eight
+// (weight scale * dx) products and accumulated with one FMA.
+template <bool kInt4, bool kB16, typename S, int TM>
+void dot_rows(const Weights& w, const Acts& a, float* y, int64_t n0, int64_t n1, int64_t t0) {
+  const int64_t K = w.K, nb = K / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i twice = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = w.q + n * w.row_bytes;
+    const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
+    __m256 acc[TM];
+    for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+      __m256i wv[8];  // the 8 blocks' values; int4: two blocks per 32-byte load
+      for (int i = 0; i < 8; i += 2) {
+        if constexpr (kInt4) {
+          const __m256i v = load32(wq + 16 * (b + i));
+          const __m256i lo = _mm256_and_si256(v, low4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          wv[i] = _mm256_permute2x128_si256(lo, hi, 0x20);
+          wv[i + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
+        } else {
+          wv[i] = load32(wq + 32 * (b + i));
+          wv[i + 1] = load32(wq + 32 * (b + i + 1));
+        }
+      }
+      __m256 sc_lo, sc_hi;  // weight scales lined up with reduce8's lanes
+      if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
+        sc_lo = _mm256_permutevar8x32_ps(load8(ws + 2 * b), even_odd);
+        sc_hi = _mm256_permutevar8x32_ps(load8(ws + 2 * b + 8), even_odd);
+      } else {
+        sc_lo = scales8(ws, b, w.shift);
+      }
+      for (int t = 0; t < TM; ++t) {
+        const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
+        __m256i p[8];
+        for (int i = 0; i < 8; ++i) {
+          const __m256i xv = load32(xq + 32 * i);
+          p[i] = kInt4 ? dot_u4(wv[i], xv) : dot_s8(wv[i], xv);
+        }
+        __m256i lo, hi;
+        reduce8(p, lo, hi);
+        const __m256 dx = _mm256_loadu_ps(a.d + (t0 + t) * nb + b);
+        if constexpr (kB16) {
+          const __m256 dlo = _mm256_permutevar8x32_ps(dx, twice);
+          const __m256 dhi = _mm256_permutevar8x32_ps(dx, _mm256_add_epi32(twice, _mm256_set1_epi32(4)));
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc_lo, dlo), acc[t]);
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc_hi, dhi), acc[t]);
+        } else {  // the two halves of each block share a scale: add them first
+          const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
+                                               _mm256_permute2x128_si256(lo, hi, 0x31));
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc_lo, dx), acc[t]);
+        }
+      }
+    }
+    float r[TM];
+    for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
+    for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
+      const __m256i wv = kInt4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
+      const float s0 = to_float(ws[kB16 ? 2 * b : b >> w.shift]);
+      const float s1 = kB16 ? to_float(ws[2 * b + 1]) : s0;
+      for (int t = 0; t < TM; ++t) {
+        const __m256i xv = load32(a.q + (t0 + t) * K + 32 * b);
+        const __m256i p = kInt4 ? dot_u4(wv, xv) : dot_s8(wv, xv);
+        alignas(32) int32_t l[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(l), p);
+        r[t] += a.d[(t0 + t) * nb + b] *
+                (s0 * static_cast<float>(l[0] + l[1] + l[2] + l[3]) +
+                 s1 * static_cast<float>(l[4] + l[5] + l[6] + l[7]));
+      }
+    }
+    for (int t = 0; t < TM; ++t) {
+      if (a.s) {
+        const S* mn = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
+        r[t] += min_term(mn, ws, w.offset, a.s + (t0 + t) * w.nwb, w.nwb);
+      }
+      y[(t0 + t) * w.N + n] = r[t];
+    }
+  }
+}
+
+template <bool kInt4, bool kB16, typename S>
+void run_rows(const Weights& w, const Acts& a, float* y, int64_t T, int64_t n0, int64_t n1) {
+  // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
+  const int64_t chunk = std::max<int64_t>(1, (128 << 10) / w.row_bytes);
+  for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
+    const int64_t c1 = std::min(n1, c0 + chunk);
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      switch (std::min<int64_t>(4, T - t0)) {
+        case 1: dot_rows<kInt4, kB16, S, 1>(w, a, y, c0, c1, t0); break;
+        case 2: dot_rows<kInt4, kB16, S, 2>(w, a, y, c0, c1, t0); break;
+        case 3: dot_rows<kInt4, kB16, S, 3>(w, a, y, c0, c1, t0); break;
+        default: dot_rows<kInt4, kB16, S, 4>(w, a, y, c0, c1, t0); break;
+      }
+    }
+  }
+}
+
+Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
+                 int64_t block, int64_t bits, double offset) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.dim() == 2 && q.element_size() == 1,
+              "q must be a contiguous 2-d int8/uint8 tensor");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf);
+  Weights w;
+  w.q = static_cast<const uint8_t*>(q.data_ptr());
+  w.N = q.size(0);
+  w.row_bytes = q.size(1);
+  w.K = bits == 8 ? w.row_bytes : 2 * w.row_bytes;
+  TORCH_CHECK(w.K % 32 == 0, "K must be a multiple of 32");
+  w.scale = scale.data_ptr();
+  w.nwb = scale.size(1);
+  TORCH_CHECK(scale.size(0) == w.N && w.nwb * block == w.K, "scale shape");
+  w.min = nullptr;
+  if (min.defined() && min.numel() > 0) {
+    TORCH_CHECK(min.is_contiguous() && min.sizes() == scale.sizes() &&
+                min.scalar_type() == scale.scalar_type(), "min must match scale");
+    w.min = min.data_ptr();
+  }
+  w.offset = static_cast<float>(offset);
+  w.shift = 0;
+  if (block == w.K) w.shift = 62;  // one scale per row
+  else if (block != 16) {
+    TORCH_CHECK(block % 32 == 0 && (block & (block - 1)) == 0, "unsupported block ", block);
+    while ((32 << w.shift) < block) ++w.shift;
+  }
+  TORCH_CHECK(block != 16 || (bits == 8 && !w.min && offset == 0), "block 16: int8 only");
+  return w;
+}
+
+// y = x @ W.T for x [T, K] float32.
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                   const at::Tensor& min, int64_t block, int64_t bits, double offset) {
+  const Weights w = describe(q, scale, min, block, bits, offset);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+              x.size(1) == w.K, "x must be contiguous float32 [T, K]");
+  const int64_t T = x.size(0), nb = w.K / 32;
+  std::vector<int8_t> xq(T * w.K);
+  std::vector<float> dx(T * nb), bsum(T * nb), s;
+  quantize_acts(x.data_ptr<float>(), T, w.K, xq.data(), dx.data(), bsum.data());
+  Acts a{xq.data(), dx.data(), nullptr};
+  if (w.min || w.offset != 0.0f) {  // the block sums, per scale block
+    const int64_t per = nb / w.nwb;
+    s.assign(T * w.nwb, 0.0f);
+    for (int64_t i = 0; i < T * nb; ++i) s[i / per] += bsum[i];
+    a.s = s.data();
+  }
+  at::Tensor y = at::empty({T, w.N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const bool half = scale.scalar_type() == at::kHalf;
+  const bool b16 = block == 16;
+  parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
+    if (bits == 4) {
+      if (half) run_rows<true, false, half_t>(w, a, yp, T, n0, n1);
+      else run_rows<true, false, float>(w, a, yp, T, n0, n1);
+    } else if (b16) {
+      if (half) run_rows<false, true, half_t>(w, a, yp, T, n0, n1);
+      else run_rows<false, true, float>(w, a, yp, T, n0, n1);
+    } else {
+      if (half) run_rows<false, false, half_t>(w, a, yp, T, n0, n1);
+      else run_rows<false, false, float>(w, a, yp, T, n0, n1);
+    }
+  });
+  return y;
+}
+
+// Rows n0..n1 of W as float32 [n1 - n0, K]: scale * q (+ min) or scale * (q - 8).
+template <typename S>
+void dequant_rows(const Weights& w, bool int4, bool b16, int64_t n0, int64_t n1, float* out) {
+  const int64_t nb = w.K / 32;
+  const __m256i eight = _mm256_set1_epi8(8);
+  parallel_rows(n1 - n0, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
+      const uint8_t* wq = w.q + n * w.row_bytes;
+      const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
+      const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
+      float* o = out + (n - n0) * w.K;
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256i v = int4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
+        if (int4 && !wm) v = _mm256_sub_epi8(v, eight);
+        const __m128i h[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+        for (int k = 0; k < 4; ++k) {  // values 8k..8k+7
+          const int64_t si = b16 ? 2 * b + k / 2 : b >> w.shift;
+          const __m128i bytes = k % 2 ? _mm_srli_si128(h[k / 2], 8) : h[k / 2];
+          __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+          f = _mm256_mul_ps(f, _mm256_set1_ps(to_float(ws[si])));
+          if (wm) f = _mm256_add_ps(f, _mm256_set1_ps(to_float(wm[si])));
+          _mm256_storeu_ps(o + 32 * b + 8 * k, f);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
+                   int64_t block, int64_t bits, double offset, int64_t n0, int64_t n1) {
+  const Weights w = describe(q, scale, min, block, bits, offset);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.N, "row range");
+  TORCH_CHECK(bits == 8 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
+  at::Tensor out = at::empty({n1 - n0, w.K}, scale.options().dtype(at::kFloat));
+  if (scale.scalar_type() == at::kHalf)
+    dequant_rows<half_t>(w, bits == 4, block == 16, n0, n1, out.data_ptr<float>());
+  else
+    dequant_rows<float>(w, bits == 4, block == 16, n0, n1, out.data_ptr<float>());
+  return out;
+}
+
+// A benchmark candidate: int8 weights times float32 activations (no activation
+// quantization), one token, scale blocks of 32 * 2^s or one per row, no min.
+at::Tensor int8_f32_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                         int64_t block) {
+  const Weights w = describe(q, scale, at::Tensor(), block, 8, 0.0);
+  TORCH_CHECK(x.numel() == w.K && x.is_contiguous() && scale.scalar_type() == at::kFloat &&
+              block != 16);
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  at::Tensor y = at::empty({1, w.N}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = w.K / 32;
+  parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wq = reinterpret_cast<const int8_t*>(w.q + n * w.row_bytes);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        __m256 p[4];
+        for (int k = 0; k < 4; ++k) {
+          const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wq + 32 * b + 8 * k));
+          p[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                               _mm256_loadu_ps(xp + 32 * b + 8 * k));
+        }
+        const __m256 blk = _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3]));
+        acc = _mm256_fmadd_ps(blk, _mm256_set1_ps(sp[n * w.nwb + (b >> w.shift)]), acc);
+      }
+      yp[n] = hsum(acc);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Other Python threads (a server's) may run while a kernel does.
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("qmatmul", &qmatmul, "x @ W.T with int8-quantized activations", no_gil());
+  m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
+  m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());
+}

