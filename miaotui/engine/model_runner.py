@@ -123,7 +123,8 @@ class ModelRunner:
         targets = seq.token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
         if not targets:
             return
-        lp = torch.log_softmax(self.model.compute_logits(hidden[:len(targets)]).float(), -1)
         k = seq.params.prompt_logprobs
-        for i, t in enumerate(targets):
-            seq.prompt_logprobs.append(make_logprobs(lp[i], t, k))
+        for s0 in range(0, len(targets), 256):  # bounded memory with large vocabularies
+            lp = torch.log_softmax(self.model.compute_logits(hidden[s0:s0 + 256][:len(targets) - s0]).float(), -1)
+            for i, t in enumerate(targets[s0:s0 + 256]):
+                seq.prompt_logprobs.append(make_logprobs(lp[i], t, k))
