@@ -2,6 +2,8 @@ import os
 import sys
 
 import pytest
+
+import miaotui  # noqa: F401  (sets OpenMP's wait policy before torch starts its threads)
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
