@@ -60,7 +60,7 @@ def add_dummy_tokenizer(w: gguf.GGUFWriter, vocab_size: int) -> int:
         types.append(gguf.TokenType.NORMAL)
         merges.append(f"{a} {b}")
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # the name llama.cpp knows
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges or ["a b"])

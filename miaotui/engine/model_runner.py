@@ -24,6 +24,10 @@ class ModelRunner:
             attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
+        self.threads = torch.get_num_threads()
+        from miaotui import kernels
+        if kernels.load() is not None:
+            kernels.load().set_threads(self.threads)
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
 
     @staticmethod

@@ -147,9 +147,14 @@ class Workers {
   int n_helpers_ = 0, max_helpers_ = 0, busy_ = 0;
 };
 
-// f(begin, end) over [0, n) in chunks of at least `grain`, on at::get_num_threads() threads.
+// Threads the kernels use; 0: torch's setting. The engine runs torch's small decode ops on
+// one thread while these bandwidth-bound kernels keep every core.
+std::atomic<int> g_threads{0};
+void set_threads(int64_t n) { g_threads = static_cast<int>(n); }
+
+// f(begin, end) over [0, n) in chunks of at least `grain`, on the kernels' threads.
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
-  const int threads = at::get_num_threads();
+  const int threads = g_threads > 0 ? g_threads.load() : at::get_num_threads();
   const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
   const int64_t chunks = (n + chunk - 1) / chunk;
   Workers::instance().run(chunks, threads, [&](int64_t c) {
@@ -500,6 +505,7 @@ at::Tensor int8_f32_gemv(const at::Tensor& x, const at::Tensor& q, const at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Other Python threads (a server's) may run while a kernel does.
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("set_threads", &set_threads, "threads for the kernels (0: torch's setting)");
   m.def("qmatmul", &qmatmul, "x @ W.T with int8-quantized activations", no_gil());
   m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());

@@ -130,14 +130,15 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
-        seen = set()
         lm_head_seen = False
+        embed_raw = None
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             if name == "embed_tokens.weight":
                 self.embed_tokens.data = _dense(w).float()
+                embed_raw = None if isinstance(w, torch.Tensor) else w
             elif name == "lm_head.weight":
                 lm_head_seen = True
                 load_linear(self.lm_head, w)
@@ -149,8 +150,9 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"unexpected weight {name}")
                 layer = self.layers[int(m.group(1))]
                 self._load_layer_weight(layer, m.group(2), m.group(3), w)
-            seen.add(name)
-        if not lm_head_seen:  # tied embeddings
+        if not lm_head_seen and embed_raw is not None:  # tied, GGUF: the head reads the quantized copy
+            load_linear(self.lm_head, embed_raw)
+        elif not lm_head_seen:  # tied embeddings
             self.lm_head.weight.data = self.embed_tokens.data
         for layer in self.modules():
             if isinstance(layer, Linear):

@@ -1,0 +1,128 @@
+"""The fast CPU path side by side with llama.cpp, on the very same weights.
+
+For each shape (random weights of real shapes), the same GGUF files (F32, Q8_0, Q4_0)
+run through miaotui and through llama.cpp (llama-cpp-python, 2 threads): batch-1 decode
+tokens/s (128 new tokens after a 128-token prompt, median time per token) and prefill
+tokens/s (a 512-token prompt, time to first token), plus miaotui's roofline fraction.
+
+    python scripts/bench_cpu.py --shapes smollm2-135m,tinyllama-1.1b --out results/cpu_path.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import miaotui  # noqa: F401  (before torch: OpenMP wait policy)
+
+QTYPES = ["F32", "Q8_0", "Q4_0"]
+
+
+def gguf_file(shape: str, qtype: str) -> str:
+    """Convert the shape's random HF weights to GGUF once (cached beside them)."""
+    from miaotui.bench.shapes import shape_dir
+    hf = shape_dir(shape)
+    path = os.path.join(hf, f"model-{qtype}.gguf")
+    if not os.path.isfile(path):
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from gguf_writer_util import write_gguf_from_hf
+        print(f"writing {path} ...", file=sys.stderr, flush=True)
+        write_gguf_from_hf(hf, path + ".tmp", qtype)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def prompts(vocab: int, n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(300, vocab - 1) for _ in range(n)]
+
+
+def time_stream(stream, n_new: int) -> tuple[float, float]:
+    """(time to first token, median seconds per later token) of an iterator of tokens."""
+    t0 = time.perf_counter()
+    stamps = []
+    for _ in zip(range(n_new), stream):
+        stamps.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - t0, statistics.median(gaps) if gaps else 0.0
+
+
+def run_miaotui(path: str, vocab: int, threads: int) -> dict:
+    from miaotui.bench import roofline
+    from miaotui.llm import LLM
+    from miaotui.sampling_params import SamplingParams
+    llm = LLM(path, num_threads=threads, kv_cache_memory=256 << 20, enable_prefix_caching=False)
+    p = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+
+    def tokens(ids, params):
+        for out in llm.stream(ids, params):
+            yield from out.outputs[0].delta_token_ids
+
+    time_stream(tokens(prompts(vocab, 32, 0), p), 8)                              # warm-up
+    ttft512, _ = time_stream(tokens(prompts(vocab, 512, 1), p), 1)
+    _, tpot = time_stream(tokens(prompts(vocab, 128, 2), p), 128)
+    cost = roofline.engine_cost_model(llm.engine)
+    machine = roofline.load_machine(threads)
+    dec = cost.decode(1, 192)
+    return {"prefill_tok_s": 512 / ttft512, "decode_tok_s": 1 / tpot,
+            "decode_roofline_fraction": machine.time(dec) / tpot,
+            "decode_effective_GBps": dec.bytes / tpot / 1e9}
+
+
+def run_llama_cpp(path: str, vocab: int, threads: int) -> dict:
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+
+    def tokens(ids):
+        llm.reset()
+        return llm.generate(ids, temp=0.0, reset=True)
+
+    time_stream(tokens(prompts(vocab, 32, 0)), 8)
+    ttft512, _ = time_stream(tokens(prompts(vocab, 512, 1)), 1)
+    _, tpot = time_stream(tokens(prompts(vocab, 128, 2)), 128)
+    return {"prefill_tok_s": 512 / ttft512, "decode_tok_s": 1 / tpot}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b")
+    ap.add_argument("--qtypes", default=",".join(QTYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/cpu_path.json")
+    args = ap.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama = True
+    except ImportError:
+        have_llama = False
+        print("llama-cpp-python not installed: llama.cpp columns skipped", file=sys.stderr)
+    from miaotui.bench.shapes import hf_config
+    rows = []
+    for shape in args.shapes.split(","):
+        vocab = hf_config(shape)["vocab_size"]
+        for qt in args.qtypes.split(","):
+            path = gguf_file(shape, qt)
+            row = {"shape": shape, "qtype": qt, "miaotui": run_miaotui(path, vocab, args.threads)}
+            if have_llama:
+                row["llama_cpp"] = run_llama_cpp(path, vocab, args.threads)
+                for k in ("prefill_tok_s", "decode_tok_s"):
+                    row[f"{k}_ratio"] = row["miaotui"][k] / row["llama_cpp"][k]
+            rows.append(row)
+            m, l = row["miaotui"], row.get("llama_cpp", {})
+            print(f"{shape:15s} {qt:5s} decode {m['decode_tok_s']:7.1f} tok/s "
+                  f"({m['decode_roofline_fraction']:.0%} of roofline, {m['decode_effective_GBps']:.1f} GB/s)"
+                  f" vs llama.cpp {l.get('decode_tok_s', 0):7.1f} | prefill {m['prefill_tok_s']:7.1f} "
+                  f"vs {l.get('prefill_tok_s', 0):7.1f} tok/s", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    from miaotui.bench.report import environment
+    with open(args.out, "w") as f:
+        json.dump({"env": environment(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
