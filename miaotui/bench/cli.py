@@ -1,0 +1,312 @@
+"""Subcommands: `miaotui bench latency|throughput|serve|compare`, `miaotui estimate`,
+`miaotui perplexity`. Model names may also be random-weight shapes (smollm2-135m,
+tinyllama-1.1b; see miaotui.bench.shapes)."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+from miaotui.config import MiaotuiError
+
+
+def _cli():
+    import miaotui.cli
+    return miaotui.cli
+
+
+def _model_path(args) -> str | None:
+    from miaotui.bench.shapes import resolve_model
+    return resolve_model(args.model)
+
+
+def _engine(args, **overrides):
+    from miaotui.engine.llm_engine import EngineConfig, LLMEngine
+    kwargs = {**_cli().engine_kwargs(args), **overrides}
+    engine = LLMEngine(EngineConfig(model=_model_path(args), **kwargs))
+    print(f"[miaotui] loaded {engine.model_path}", file=sys.stderr)
+    from miaotui.bench.report import warn_if_busy
+    warn_if_busy()
+    return engine
+
+
+def _machine(args):
+    if getattr(args, "no_roofline", False):
+        return None
+    from miaotui.bench.roofline import load_machine
+    return load_machine(recalibrate=getattr(args, "calibrate", False))
+
+
+def _output_args(p: argparse.ArgumentParser, roofline: bool = True) -> None:
+    p.add_argument("--output", "-o", default=None, help="write the results as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    if roofline:
+        p.add_argument("--no-roofline", action="store_true", help="skip the roofline prediction")
+        p.add_argument("--calibrate", action="store_true", help="re-measure bandwidth and FLOP/s first")
+
+
+def _finish(result: dict, args) -> None:
+    from miaotui.bench import report
+    report.write_json(result, args.output)
+    if args.plot:
+        report.plot(result, args.plot)
+
+
+def _bytes(text: str) -> float:
+    """'8G', '512M', '1.5e9' -> bytes."""
+    text = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        return float(text[:-1] if mult > 1 else text) * mult
+    except ValueError:
+        raise MiaotuiError(f"bad size {text!r} (examples: 8G, 512M, 1e9)") from None
+
+
+def _config(args, skip=("func",)) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in skip and not callable(v)}
+
+
+# ---- bench latency ----------------------------------------------------------------------
+def cmd_latency(args) -> None:
+    from miaotui.bench.latency import print_latency, run_latency
+    from miaotui.bench.report import make_result
+    engine = _engine(args)
+    res = run_latency(engine, args.prompt_len, args.output_len, args.repeats, args.warmup,
+                      args.seed, _machine(args))
+    print_latency(res, args.prompt_len, args.output_len)
+    cfg = {**_config(args), "model_path": engine.model_path}
+    _finish(make_result("latency", cfg, res["results"], res["roofline"]), args)
+
+
+# ---- bench throughput -------------------------------------------------------------------
+def _requests(args, vocab_size: int, tokenizer):
+    from miaotui.bench.workload import random_requests, sharegpt_requests
+    if args.dataset:
+        reqs = sharegpt_requests(args.dataset, args.num_prompts, tokenizer, args.max_len, args.seed)
+        if not reqs:
+            raise MiaotuiError(f"{args.dataset}: no usable ShareGPT conversations")
+        return reqs
+    return random_requests(args.num_prompts, args.input_len, args.output_len, vocab_size, args.seed)
+
+
+def cmd_throughput(args) -> None:
+    from miaotui.bench import throughput as tp
+    from miaotui.bench.report import make_result
+    from miaotui.loader import default_model_path, load_tokenizer, open_checkpoint
+    path = _model_path(args) or default_model_path()
+    runs, roof = {}, {}
+    if args.backend in ("miaotui", "both"):
+        engine = _engine(args)
+        requests = _requests(args, engine.model_config.vocab_size, engine.tokenizer)
+        runs["miaotui"], roof = tp.bench_engine(engine, requests, _machine(args))
+        del engine
+        gc.collect()
+    else:
+        ckpt = open_checkpoint(path)
+        requests = _requests(args, ckpt.config.vocab_size, load_tokenizer(ckpt))
+    if args.backend in ("transformers", "both"):
+        print(f"[miaotui] transformers: {len(requests)} requests, batch size {args.hf_batch_size}",
+              file=sys.stderr)
+        runs["transformers"] = tp.bench_transformers(path, requests, args.hf_batch_size,
+                                                     threads=args.threads)
+    tp.print_runs(runs, roof)
+    results = {"runs": runs}
+    if len(runs) == 2:
+        results["miaotui_over_transformers"] = runs["miaotui"]["output_tok_s"] / runs["transformers"]["output_tok_s"]
+    _finish(make_result("throughput", {**_config(args), "model_path": path}, results, roof), args)
+
+
+# ---- bench serve ------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in str(text).split(",") if x.strip()]
+
+
+def cmd_serve(args) -> None:
+    from miaotui.bench.report import make_result
+    from miaotui.bench.serve import print_serve, run_serve
+    from miaotui.bench.workload import random_requests, sharegpt_requests
+    if args.dataset:
+        requests = sharegpt_requests(args.dataset, args.num_prompts, None, args.max_len, args.seed)
+    else:
+        requests = random_requests(args.num_prompts, args.input_len, args.output_len, 0, args.seed, text=True)
+    rates = _floats(args.request_rate) if args.request_rate else None
+    conc = [int(c) for c in _floats(args.concurrency)] if not rates else None
+    res = run_serve(args.base_url, requests, conc, rates, args.served_model, args.max_duration,
+                    args.timeout, not args.no_ignore_eos,
+                    args.slo_ttft / 1e3 if args.slo_ttft else None,
+                    args.slo_tpot / 1e3 if args.slo_tpot else None,
+                    args.api_key or os.environ.get("OPENAI_API_KEY"))
+    print_serve(res)
+    _finish(make_result("serve", _config(args), res), args)
+
+
+# ---- bench compare ----------------------------------------------------------------------
+def cmd_compare(args) -> None:
+    from miaotui.bench.report import compare
+    docs = []
+    for path in (args.a, args.b):
+        try:
+            with open(path) as f:
+                docs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MiaotuiError(f"cannot read {path}: {e}") from None
+    print(f"A: {args.a} ({docs[0].get('kind')})\nB: {args.b} ({docs[1].get('kind')})")
+    print(compare(*docs))
+
+
+# ---- estimate ---------------------------------------------------------------------------
+def cost_model_for(args):
+    """The analytic cost model of --model with these settings (no weights loaded)."""
+    from miaotui.bench import roofline
+    from miaotui.loader import default_model_path, open_checkpoint
+    path = _model_path(args) or default_model_path()
+    ckpt = open_checkpoint(path)
+    cfg = ckpt.config
+    kv = roofline.kv_bytes_per_token(cfg, args.kv_cache_dtype, args.dtype)
+    gguf_file = str(getattr(ckpt, "path", path))
+    if args.quantization is None and gguf_file.endswith(".gguf"):
+        return roofline.CostModel.from_gguf(gguf_file, cfg, kv), path
+    fmt = roofline.weight_format(args.quantization, args.dtype, args.group_size)
+    return roofline.CostModel.from_config(cfg, fmt, args.kv_cache_dtype, args.dtype), path
+
+
+def cmd_estimate(args) -> None:
+    import psutil
+
+    from miaotui.bench import roofline
+    from miaotui.bench.report import make_result, table
+    cost, path = cost_model_for(args)
+    cfg = cost.cfg
+    machine = roofline.load_machine(args.threads, recalibrate=args.calibrate)
+    P, B = args.prompt_len, args.batch
+    ctx = args.context or P + args.output_len // 2
+    MB, G = 1e6, 1e9
+    head = (f"head = embedding {cost.embed_bytes / MB:.1f} (tied)" if cost.shared_head else
+            f"head {cost.lm_head_bytes / MB:.1f}, embedding {cost.embed_bytes / MB:.1f}")
+    print(f"model: {path} ({cfg.model_type}), {cfg.num_params() / 1e6:.1f}M params, weights "
+          f"{cost.weights_name}: {cost.weight_memory() / MB:.1f} MB in memory (layers "
+          f"{cost.layer_weight_bytes / MB:.1f}, {head})")
+    print(f"KV cache: {cost.kv_per_token / 1024:.1f} KiB/token ({args.kv_cache_dtype}); machine: "
+          f"{machine.bandwidth / G:.1f} GB/s, fp32 {machine.flops['float32'] / G:.0f} GFLOP/s ({machine.source})")
+    items = [(f"prefill {P} tokens", cost.prefill(P), P), ("  per prefill token", cost.prefill(P).scaled(1 / P), 1),
+             (f"decode step, batch 1, ctx {ctx}", cost.decode(1, ctx), 1),
+             (f"decode step, batch {B}, ctx {ctx}", cost.decode(B, ctx), B)]
+    rows, out = [], {}
+    for label, c, toks in items:
+        t = machine.time(c)
+        rows.append([label, c.flops / G, c.bytes / MB, c.flops / max(c.bytes, 1), t * 1e3,
+                     machine.bound(c), toks / t])
+        out[label.strip()] = {"flops": c.flops, "bytes": c.bytes, "time_s": t, "tok_s": toks / t,
+                              "bound": machine.bound(c)}
+    print(table(rows, ["", "GFLOP", "MB moved", "FLOP/B", "predicted ms", "bound", "tok/s"]))
+    budget = _bytes(args.memory_budget) if args.memory_budget else psutil.virtual_memory().available
+    fp = cost.footprint(B, ctx, args.max_num_batched_tokens)
+    fits = cost.max_batch(budget, ctx, args.max_num_batched_tokens)
+    print(f"memory, batch {B} x {ctx} tokens: weights {fp['weights'] / MB:.0f} MB + KV {fp['kv_cache'] / MB:.0f} MB"
+          f" + activations {fp['activations'] / MB:.0f} MB + runtime {fp['runtime'] / MB:.0f} MB"
+          f" = {fp['total'] / G:.2f} GB")
+    print(f"largest batch of {ctx}-token sequences in {budget / G:.1f} GB: {fits}")
+    results = {"costs": out, "footprint": fp, "max_batch": fits, "budget_bytes": budget,
+               "weight_bytes": cost.weight_memory(), "kv_bytes_per_token": cost.kv_per_token}
+    from miaotui.bench import report
+    report.write_json(make_result("estimate", {**_config(args), "model_path": path}, results,
+                                  {"bandwidth": machine.bandwidth, "flops": machine.flops,
+                                   "source": machine.source}), args.output)
+
+
+# ---- perplexity -------------------------------------------------------------------------
+def cmd_perplexity(args) -> None:
+    from miaotui.bench.perplexity import perplexity
+    from miaotui.bench.report import make_result
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise MiaotuiError(f"cannot read {args.text}: {e.strerror}") from None
+    engine = _engine(args, enable_prefix_caching=False)
+    ids = engine.tokenizer.encode(text)
+    if args.max_tokens:
+        ids = ids[:args.max_tokens]
+    window = min(args.window, engine.max_model_len)
+    res = perplexity(engine, ids, window, min(args.stride or window // 2, window))
+    print(f"perplexity {res['perplexity']:.3f} over {res['scored_tokens']} tokens "
+          f"({res['windows']} windows of {window}, {res['seconds']:.1f} s, {res['tok_s']:.0f} tok/s)")
+    cfg = {**_config(args), "model_path": engine.model_path, "window": window}
+    from miaotui.bench import report
+    report.write_json(make_result("perplexity", cfg, res), args.output)
+
+
+# ---- registration -----------------------------------------------------------------------
+def _length_args(p: argparse.ArgumentParser, n: int, inp: str, out: str) -> None:
+    p.add_argument("--num-prompts", "-n", type=int, default=n)
+    p.add_argument("--input-len", default=inp, help="prompt tokens: N or LO-HI (uniform)")
+    p.add_argument("--output-len", default=out, help="output tokens: N or LO-HI (uniform)")
+    p.add_argument("--dataset", default=None, help="ShareGPT JSON file instead of random lengths")
+    p.add_argument("--max-len", type=int, default=2048, help="ShareGPT: skip longer prompt+reply")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_parser(subparsers) -> None:
+    cli = _cli()
+    bench = subparsers.add_parser("bench", help="benchmarks: latency, throughput, serve, compare")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    p = sub.add_parser("latency", help="one request at a time: TTFT, TPOT, e2e")
+    cli.add_model_args(p)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    _output_args(p)
+    p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("throughput", help="offline batch: tokens/s, requests/s, peak memory")
+    cli.add_model_args(p)
+    _length_args(p, 64, "32-512", "32-256")
+    p.add_argument("--backend", choices=["miaotui", "transformers", "both"], default="miaotui")
+    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers: prompts per generate call")
+    _output_args(p)
+    p.set_defaults(func=cmd_throughput)
+
+    p = sub.add_parser("serve", help="drive an OpenAI-compatible server (streaming completions)")
+    p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--served-model", default=None, help="model name to send (default: the first listed)")
+    _length_args(p, 32, "128", "64")
+    p.add_argument("--concurrency", default="1,4", help="comma-separated levels (default 1,4)")
+    p.add_argument("--request-rate", default=None, help="Poisson rates in req/s instead, comma-separated")
+    p.add_argument("--max-duration", type=float, default=120.0, help="stop starting requests after this (s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
+    p.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO on TTFT (ms)")
+    p.add_argument("--slo-tpot", type=float, default=None, help="goodput SLO on TPOT (ms)")
+    p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
+    _output_args(p, roofline=False)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compare", help="two bench JSON files side by side")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("estimate", help="roofline: FLOPs, bytes, predicted speed, memory")
+    cli.add_model_args(p)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--context", type=int, default=None, help="decode context (default prompt + output/2)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--memory-budget", default=None, help="e.g. 8G (default: available memory)")
+    p.add_argument("--calibrate", action="store_true", help="re-measure this machine first")
+    p.add_argument("--output", "-o", default=None)
+    p.set_defaults(func=cmd_estimate)
+
+    p = subparsers.add_parser("perplexity", help="sliding-window perplexity of a text file")
+    cli.add_model_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=None, help="default: window / 2")
+    p.add_argument("--output", "-o", default=None)
+    p.set_defaults(func=cmd_perplexity)
