@@ -36,7 +36,7 @@ def _dense(w) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return w
     if w.qtype.name in ("F32", "F16"):
-        return torch.from_numpy(np.ascontiguousarray(w.data)).float().reshape(w.shape)
+        return torch.from_numpy(np.array(w.data, dtype=np.float32)).reshape(w.shape)  # a writable copy
     from miaotui.layers.quant import dequantize_gguf
     return dequantize_gguf(w.data, w.qtype, w.shape)
 
