@@ -46,11 +46,12 @@ def test_weight_bytes_by_format():
     assert int8.weight_memory() == 2 * (36864 + 2048) + 6800 + 25600
 
     # int4, groups of 32 inputs: qkv 128*2, o 64*2, gate_up 256*2, down 64*4 = 1152 groups
+    sym = roofline.CostModel.from_config(cfg, roofline.weight_format("int4", group_size=32, zeros=False))
+    assert sym.layer_weight_bytes == 2 * (36864 // 2 + 1152 * 2)    # float16 scales
     int4 = roofline.CostModel.from_config(cfg, roofline.weight_format("int4", group_size=32))
-    assert int4.layer_weight_bytes == 2 * (36864 // 2 + 1152 * 2)   # float16 scales
-    zeros = roofline.CostModel.from_config(cfg, roofline.weight_format("int4", group_size=32, zeros=True))
-    assert zeros.layer_weight_bytes == 2 * (36864 // 2 + 1152 * 4)  # + float16 zeros
-    g64 = roofline.weight_format("int4", group_size=64)
+    assert int4.layer_weight_bytes == 2 * (36864 // 2 + 1152 * 4)   # + float16 zeros (mins)
+    assert int4.lm_head_bytes == int8.lm_head_bytes                 # the head keeps int8
+    g64 = roofline.weight_format("int4", group_size=64, zeros=False)
     assert g64.nbytes(64, 128) == 64 * 64 + 64 * 2 * 2
 
 
@@ -105,7 +106,7 @@ def test_machine_roofline_and_workload():
 def test_sizes_measured_on_a_loaded_model(tiny_llama_dir):
     from miaotui.engine.llm_engine import EngineConfig, LLMEngine
     path, _ = tiny_llama_dir
-    for quant in (None, "int8"):
+    for quant in (None, "int8", "int4"):
         engine = LLMEngine(EngineConfig(model=path, quantization=quant, kv_cache_memory=1 << 20))
         measured = roofline.engine_cost_model(engine)
         analytic = roofline.CostModel.from_config(engine.model_config, roofline.weight_format(quant))
@@ -236,6 +237,17 @@ def test_bench_serve_against_stub(stub_server):
     assert strict["levels"][0]["completed"] == 3 and strict["levels"][0]["goodput_req_s"] == 0
     bad = run_serve(stub_server, reqs[:2], model="nope")
     assert bad["levels"][0]["failures"] == 2 and "HTTP 404" in bad["levels"][0]["errors"][0]
+
+
+def test_cli_bench_serve(stub_server, tmp_path):
+    from miaotui.cli import main
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--base-url", stub_server, "-n", "4", "--input-len", "8",
+                 "--output-len", "4", "--concurrency", "1,2", "-o", str(out),
+                 "--plot", str(tmp_path / "serve.png")]) == 0
+    levels = json.load(open(out))["results"]["levels"]
+    assert [lv["load"] for lv in levels] == [1, 2] and all(lv["failures"] == 0 for lv in levels)
+    assert os.path.getsize(tmp_path / "serve.png") > 1000
 
 
 # ---- CLI end to end ---------------------------------------------------------------------

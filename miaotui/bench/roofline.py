@@ -43,8 +43,9 @@ class WeightFormat:
 
 
 def weight_format(quantization: str | None = None, dtype: str = "auto", group_size: int = 32,
-                  zeros: bool = False) -> WeightFormat:
-    """The format the engine keeps linear weights in for these settings."""
+                  zeros: bool = True) -> WeightFormat:
+    """The format the engine keeps linear weights in for these settings (int4 at load is
+    asymmetric: a float16 scale and min per group)."""
     if quantization == "int8":
         return WeightFormat("int8", 8, None, 4)
     if quantization == "int4":
@@ -110,13 +111,14 @@ class CostModel:
     def from_config(cls, cfg: ModelConfig, fmt: WeightFormat | None = None,
                     kv_dtype: str = "auto", weight_dtype: str = "auto") -> "CostModel":
         """Analytic sizes. The embedding table stays float32 in the engine; a tied head
-        shares it only while weights stay float32."""
+        shares it only while weights stay float32; with int4 the head keeps int8."""
         fmt = fmt or WeightFormat("fp32", 32)
+        head_fmt = weight_format("int8") if fmt.bits < 8 else fmt
         h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
         mlp = [(i, h), (h, i)] if cfg.family == "gpt2" else [(2 * i, h), (h, i)]
         per_layer = sum(fmt.nbytes(o, n) for o, n in [(q + 2 * kv, h), (h, q), *mlp])
         shared = cfg.tie_word_embeddings and fmt.bits == 32
-        return cls(cfg, cfg.num_layers * per_layer, fmt.nbytes(cfg.vocab_size, h),
+        return cls(cfg, cfg.num_layers * per_layer, head_fmt.nbytes(cfg.vocab_size, h),
                    cfg.vocab_size * h * 4, shared, kv_bytes_per_token(cfg, kv_dtype, weight_dtype),
                    fmt.name)
 
@@ -142,15 +144,21 @@ class CostModel:
 
     @classmethod
     def from_gguf(cls, path: str, cfg: ModelConfig, kv_per_token: float) -> "CostModel":
-        """Sizes of a GGUF file's tensors as stored (kept so for Q8_0/Q4_0/Q4_1; K-quants
-        grow a little when repacked). The engine keeps the embedding table in float32,
-        and a tied head reads it."""
+        """Sizes as the engine holds a GGUF file: block-quantized tensors as stored (exact
+        for Q8_0/Q4_0/Q4_1; K-quants grow a little when repacked), float ones as float32.
+        The embedding table is float32; a tied head reads its own (quantized) copy."""
         from gguf import GGUFReader
-        tensors = GGUFReader(path).tensors
-        layers = sum(int(t.n_bytes) for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2)
-        head = [int(t.n_bytes) for t in tensors if t.name == "output.weight"]
+        float_types = ("F32", "F16", "BF16")
+
+        def size(t) -> int:
+            return int(t.n_elements) * 4 if t.tensor_type.name in float_types else int(t.n_bytes)
+
+        tensors = {t.name: t for t in GGUFReader(path).tensors}
+        layers = sum(size(t) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2)
+        head = tensors.get("output.weight", tensors.get("token_embd.weight"))
         embed = cfg.vocab_size * cfg.hidden_size * 4
-        return cls(cfg, layers, head[0] if head else embed, embed, not head, kv_per_token, "gguf")
+        return cls(cfg, layers, size(head) if head is not None else embed, embed, False,
+                   kv_per_token, "gguf")
 
     # ---- sizes ---------------------------------------------------------------------------
     def weight_memory(self) -> float:
