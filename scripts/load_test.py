@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import statistics
 import sys
@@ -20,6 +19,8 @@ import time
 from urllib.parse import urlparse
 
 import httpx
+
+from miaotui.serve.cli import is_loopback as is_loopback_host
 
 PROMPTS = [
     "Write a short story about a cat who learns to fly.",
@@ -42,13 +43,7 @@ PROMPTS = [
 
 
 def is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlparse(url).hostname or "")
 
 
 def percentiles(values: list[float]) -> dict:

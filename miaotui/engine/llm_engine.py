@@ -196,11 +196,9 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         p = seq.params
         seq.token_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
         self.stats["generated_tokens"] += 1
         seq.text += seq.detokenizer.add([token])
-        if token in p.stop_token_ids and seq.num_output_tokens > p.min_tokens - 1:
+        if token in p.stop_token_ids:  # (the sampler masks them before min_tokens)
             seq.finish_reason, seq.stop_reason = "stop", token
         elif token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"

@@ -65,7 +65,6 @@ class Scheduler:
         self.bm.free_seq(seq)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 

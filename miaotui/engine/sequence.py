@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -52,11 +51,8 @@ class Sequence:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed + index if params.seed is not None
                                        else torch.seed())
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
         self.detokenizer = None                  # set by the engine
         self.text = ""                           # generated text after stop-string handling
-        self.num_preemptions = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -58,18 +58,15 @@ class HFCheckpoint:
                 "safe_serialization=True)")
         raise MiaotuiError(f"{self.path} has no *.safetensors weights")
 
-    def tensors(self, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in Hugging Face naming, memory-mapped from disk."""
-        from tqdm import tqdm
         for file in self.files:
             try:
                 f = safe_open(file, framework="pt")
                 keys = list(f.keys())
             except Exception as e:
                 raise MiaotuiError(f"cannot read {file}: corrupt or truncated safetensors ({e})") from None
-            it = tqdm(keys, desc=f"loading {os.path.basename(file)}", disable=not progress,
-                      unit="tensor", leave=False)
-            for k in it:
+            for k in keys:
                 try:
                     t = f.get_tensor(k)
                 except Exception as e:

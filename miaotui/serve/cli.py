@@ -15,7 +15,8 @@ def served_name(model_path: str) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -32,7 +33,7 @@ def cmd_serve(args) -> None:
     if not 0 < args.port < 65536:
         raise MiaotuiError(f"--port {args.port} is not a valid port")
     api_key = args.api_key or os.environ.get("MIAOTUI_API_KEY")
-    if not _is_loopback(args.host) and not api_key:
+    if not is_loopback(args.host) and not api_key:
         print(f"[miaotui] warning: serving on {args.host} without --api-key; anyone who can "
               "reach this address can use the model", file=sys.stderr)
     llm = load_llm(args)
