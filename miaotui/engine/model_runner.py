@@ -29,6 +29,8 @@ class ModelRunner:
         if kernels.load() is not None:
             kernels.load().set_threads(self.threads)
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
+        from miaotui.engine.cpu_decoder import CPUDecoder
+        self.decoder = CPUDecoder.build(model, self.caches, block_size) if device == "cpu" else None
 
     @staticmethod
     def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: torch.dtype) -> int:
@@ -98,9 +100,23 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
         """One forward pass. Returns {seq_id: sampled token} for sequences that reached
         the end of their known tokens (a finished prefill, or a decode)."""
+        if self.decoder is not None and all(n == 1 for _, n in batch):
+            return self._decode_fused([s for s, _ in batch])
         ordered, input_ids, positions, meta = self.prepare(batch)
         with exact_activations(bool(meta.prefills)):
             return self._forward(ordered, input_ids, positions, meta)
+
+    def _decode_fused(self, seqs: list[Sequence]) -> dict[int, int]:
+        """A step of decodes only, through the C++ decoder: the metadata as plain lists."""
+        bs = self.block_size
+        lens = [s.num_computed_tokens + 1 for s in seqs]
+        nblk = -(-max(lens) // bs)
+        tables = [s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in seqs]
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+        hidden = self.decoder(torch.tensor([s.token_ids[-1] for s in seqs]), torch.tensor(lens) - 1,
+                              torch.tensor(slots), torch.tensor(tables), torch.tensor(lens))
+        tokens = self.sampler(self.model.compute_logits(hidden), seqs)
+        return {s.seq_id: t for s, t in zip(seqs, tokens)}
 
     def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)

@@ -17,7 +17,8 @@ import warnings
 import torch
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ["quant_cpu.cpp"]
+_SOURCES = ["quant_cpu.cpp", "decode_cpu.cpp"]
+_HEADERS = ["quant_cpu.h"]
 # -ffp-contract=off: no multiply+add fusing, so dequantization is bit-exact.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 
@@ -42,7 +43,7 @@ def load():
         return None
     paths = [os.path.join(_DIR, s) for s in _SOURCES]
     h = hashlib.sha256(" ".join(_CFLAGS + [torch.__version__]).encode())
-    for p in paths:
+    for p in paths + [os.path.join(_DIR, s) for s in _HEADERS]:
         with open(p, "rb") as f:
             h.update(f.read())
     key = h.hexdigest()[:12]

@@ -21,6 +21,8 @@
 //
 // dequant (prefill, large T): float32 rows for BLAS, bit-exact with the Python
 // reference (compiled with -ffp-contract=off: a multiply then an add, never an FMA).
+#include "quant_cpu.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -36,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+namespace miaotui {
 namespace {
 
 using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
@@ -81,6 +85,10 @@ inline __m256i dot_s8(__m256i w, __m256i x) {
 // whole matmul). Here the caller and helper threads take chunks from a shared counter
 // and the caller waits only for chunks a helper has started: a helper that wakes up late
 // finds no work left and the caller has done it all.
+//
+// Hand-offs spin before they sleep: a fused decode step runs ~150 jobs a few microseconds
+// apart, and a sleep/wake pair through the kernel costs 10-20 us each time. Spinning is
+// bounded (kSpinUs), so an idle engine or a busy machine costs at most that per job.
 class Workers {
  public:
   static Workers& instance() {
@@ -95,60 +103,74 @@ class Workers {
       return;
     }
     std::lock_guard<std::mutex> one_job_at_a_time(job_mu_);
+    for (; n_helpers_ < threads - 1; ++n_helpers_)
+      std::thread([this, i = n_helpers_] { helper(i); }).detach();
+    job_ = &f;
+    n_ = n;
+    next_.store(0);
+    max_helpers_ = threads - 1;
     {
-      std::lock_guard<std::mutex> lk(mu_);
-      for (; n_helpers_ < threads - 1; ++n_helpers_)
-        std::thread([this, i = n_helpers_] { helper(i); }).detach();
-      job_ = &f;
-      n_ = n;
-      next_ = 0;
-      max_helpers_ = threads - 1;
-      open_ = true;
-      ++gen_;
+      std::lock_guard<std::mutex> lk(mu_);  // helpers asleep check gen_ under mu_
+      open_.store(true);
+      gen_.fetch_add(1);
     }
     wake_.notify_all();
     work();
-    std::unique_lock<std::mutex> lk(mu_);
-    open_ = false;  // helpers that wake up from now on stay out
-    idle_.wait(lk, [this] { return busy_ == 0; });
+    open_.store(false);  // helpers that come from now on stay out
+    if (!spin_until([this] { return busy_.load() == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      idle_.wait(lk, [this] { return busy_.load() == 0; });
+    }
   }
 
  private:
+  static constexpr int64_t kSpinUs = 100;
+
+  template <typename P>
+  static bool spin_until(P done) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinUs);
+    for (int i = 0;; ++i) {
+      if (done()) return true;
+      _mm_pause();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > end) return done();
+    }
+  }
+
   void work() {
     for (int64_t c; (c = next_.fetch_add(1)) < n_;) (*job_)(c);
   }
 
   void helper(int index) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
-      // Spin a little (~50 us) before sleeping: matmuls come back to back when decoding.
-      lk.unlock();
-      for (int i = 0; i < 1000 && gen_.load(std::memory_order_relaxed) == seen; ++i) _mm_pause();
-      lk.lock();
-      wake_.wait(lk, [&] { return gen_ != seen; });
-      seen = gen_;
-      if (!open_ || index >= max_helpers_) continue;
-      ++busy_;
-      lk.unlock();
-      work();
-      lk.lock();
-      if (--busy_ == 0) idle_.notify_one();
+      if (!spin_until([&] { return gen_.load() != seen; })) {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return gen_.load() != seen; });
+      }
+      seen = gen_.load();
+      busy_.fetch_add(1);  // before reading open_: the caller waits for busy_ after closing
+      if (open_.load() && index < max_helpers_) work();
+      if (busy_.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);
+        idle_.notify_one();
+      }
     }
   }
 
-  std::mutex job_mu_, mu_;  // mu_ guards everything below but next_
+  std::mutex job_mu_, mu_;
   std::condition_variable wake_, idle_;
   const std::function<void(int64_t)>* job_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<uint64_t> gen_{0};  // the job's number (written under mu_)
-  bool open_ = false;
-  int n_helpers_ = 0, max_helpers_ = 0, busy_ = 0;
+  std::atomic<uint64_t> gen_{0};  // the job's number
+  std::atomic<bool> open_{false};
+  std::atomic<int> busy_{0};      // helpers inside run's window
+  int n_helpers_ = 0, max_helpers_ = 0;
 };
 
-// Threads the kernels use; 0: torch's setting. The engine runs torch's small decode ops on
-// one thread while these bandwidth-bound kernels keep every core.
+}  // namespace
+
+// Threads the kernels use; 0: torch's setting.
 std::atomic<int> g_threads{0};
 void set_threads(int64_t n) { g_threads = static_cast<int>(n); }
 
@@ -162,21 +184,14 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
   });
 }
 
-struct Weights {
-  const uint8_t* q;
-  const void* scale;
-  const void* min;  // nullptr: none
-  int64_t N, K;
-  int64_t nwb;        // scale blocks per row
-  int shift;          // scale index of 32-block b is b >> shift (B == 16: unused)
-  int64_t row_bytes;
-  float offset;       // 8 for int4 without a min, else 0
-};
+
+namespace {
 
 struct Acts {
   const int8_t* q;  // [T, K]
   const float* d;   // [T, K/32] scale of each block
-  const float* s;   // [T, nwb]  sum over a scale block of dx * sum(xq); nullptr if unused
+  const float* s;   // [T, nwb]  sum over a scale block of dx * sum(xq), times -offset when
+                    //           the weight has no min; nullptr if unused
 };
 
 // Quantize x [T, K] per block of 32: xq = round(x / dx), dx = max|x| / 127.
@@ -218,18 +233,16 @@ void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, 
   });
 }
 
-// sum_b c_b * s_b with c_b = min_b, or -offset * scale_b when there is no min.
+// sum_b c_b * s_b with c_b = min_b, or scale_b when there is no min (s is then scaled by
+// -offset already): the term of scale blocks longer than 32.
 template <typename S>
-float min_term(const S* mn, const S* sc, float offset, const float* s, int64_t nwb) {
+float min_term(const S* mn, const S* sc, const float* s, int64_t nwb) {
+  const S* c = mn ? mn : sc;
   __m256 acc = _mm256_setzero_ps();
-  const __m256 neg_off = _mm256_set1_ps(-offset);
   int64_t i = 0;
-  for (; i + 8 <= nwb; i += 8) {
-    const __m256 c = mn ? load8(mn + i) : _mm256_mul_ps(load8(sc + i), neg_off);
-    acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(s + i), acc);
-  }
+  for (; i + 8 <= nwb; i += 8) acc = _mm256_fmadd_ps(load8(c + i), _mm256_loadu_ps(s + i), acc);
   float r = hsum(acc);
-  for (; i < nwb; ++i) r += (mn ? to_float(mn[i]) : -offset * to_float(sc[i])) * s[i];
+  for (; i < nwb; ++i) r += to_float(c[i]) * s[i];
   return r;
 }
 
@@ -260,16 +273,20 @@ inline __m256 scales8(const S* s, int64_t b, int shift) {
 
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM. Blocks go eight at a time: their
 // integer dot products are reduced to one vector of eight sums, scaled by eight
-// (weight scale * dx) products and accumulated with one FMA.
+// (weight scale * dx) products and accumulated with one FMA. With scale blocks of 32 the
+// min/offset term rides along (one more FMA).
 template <bool kInt4, bool kB16, typename S, int TM>
-void dot_rows(const Weights& w, const Acts& a, float* y, int64_t n0, int64_t n1, int64_t t0) {
+void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
+              int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   const __m256i twice = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  const bool inline_min = a.s && !kB16 && w.shift == 0;  // one scale (and min) per block
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wq = w.q + n * w.row_bytes;
     const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
+    const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
     __m256 acc[TM];
     for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
     int64_t b = 0;
@@ -287,12 +304,13 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t n0, int64_t n1,
           wv[i + 1] = load32(wq + 32 * (b + i + 1));
         }
       }
-      __m256 sc_lo, sc_hi;  // weight scales lined up with reduce8's lanes
+      __m256 sc_lo, sc_hi, c8;  // weight scales lined up with reduce8's lanes; min term factors
       if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
         sc_lo = _mm256_permutevar8x32_ps(load8(ws + 2 * b), even_odd);
         sc_hi = _mm256_permutevar8x32_ps(load8(ws + 2 * b + 8), even_odd);
       } else {
         sc_lo = scales8(ws, b, w.shift);
+        if (inline_min) c8 = wm ? load8(wm + b) : sc_lo;
       }
       for (int t = 0; t < TM; ++t) {
         const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
@@ -313,6 +331,8 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t n0, int64_t n1,
           const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
                                                _mm256_permute2x128_si256(lo, hi, 0x31));
           acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc_lo, dx), acc[t]);
+          if (inline_min)
+            acc[t] = _mm256_fmadd_ps(c8, _mm256_loadu_ps(a.s + (t0 + t) * nb + b), acc[t]);
         }
       }
     }
@@ -330,34 +350,35 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t n0, int64_t n1,
         r[t] += a.d[(t0 + t) * nb + b] *
                 (s0 * static_cast<float>(l[0] + l[1] + l[2] + l[3]) +
                  s1 * static_cast<float>(l[4] + l[5] + l[6] + l[7]));
+        if (inline_min) r[t] += to_float(wm ? wm[b] : ws[b]) * a.s[(t0 + t) * nb + b];
       }
     }
     for (int t = 0; t < TM; ++t) {
-      if (a.s) {
-        const S* mn = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
-        r[t] += min_term(mn, ws, w.offset, a.s + (t0 + t) * w.nwb, w.nwb);
-      }
-      y[(t0 + t) * w.N + n] = r[t];
+      if (a.s && !inline_min) r[t] += min_term(wm, ws, a.s + (t0 + t) * w.nwb, w.nwb);
+      y[(t0 + t) * ldy + n] = r[t];
     }
   }
 }
 
 template <bool kInt4, bool kB16, typename S>
-void run_rows(const Weights& w, const Acts& a, float* y, int64_t T, int64_t n0, int64_t n1) {
+void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
+              int64_t n1) {
   // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
   const int64_t chunk = std::max<int64_t>(1, (128 << 10) / w.row_bytes);
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       switch (std::min<int64_t>(4, T - t0)) {
-        case 1: dot_rows<kInt4, kB16, S, 1>(w, a, y, c0, c1, t0); break;
-        case 2: dot_rows<kInt4, kB16, S, 2>(w, a, y, c0, c1, t0); break;
-        case 3: dot_rows<kInt4, kB16, S, 3>(w, a, y, c0, c1, t0); break;
-        default: dot_rows<kInt4, kB16, S, 4>(w, a, y, c0, c1, t0); break;
+        case 1: dot_rows<kInt4, kB16, S, 1>(w, a, y, ldy, c0, c1, t0); break;
+        case 2: dot_rows<kInt4, kB16, S, 2>(w, a, y, ldy, c0, c1, t0); break;
+        case 3: dot_rows<kInt4, kB16, S, 3>(w, a, y, ldy, c0, c1, t0); break;
+        default: dot_rows<kInt4, kB16, S, 4>(w, a, y, ldy, c0, c1, t0); break;
       }
     }
   }
 }
+
+}  // namespace
 
 Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                  int64_t block, int64_t bits, double offset) {
@@ -388,8 +409,41 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
     while ((32 << w.shift) < block) ++w.shift;
   }
   TORCH_CHECK(block != 16 || (bits == 8 && !w.min && offset == 0), "block 16: int8 only");
+  w.bits = static_cast<int>(bits);
+  w.half = scale.scalar_type() == at::kHalf;
+  w.b16 = block == 16;
   return w;
 }
+
+void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy) {
+  const int64_t nb = w.K / 32;
+  std::vector<int8_t> xq(T * w.K);
+  std::vector<float> dx(T * nb), bsum(T * nb), s;
+  quantize_acts(x, T, w.K, xq.data(), dx.data(), bsum.data());
+  Acts a{xq.data(), dx.data(), nullptr};
+  if (w.min || w.offset != 0.0f) {  // the block sums, per scale block (times -offset, no min)
+    const int64_t per = nb / w.nwb;
+    const float f = w.min ? 1.0f : -w.offset;
+    s.assign(T * w.nwb, 0.0f);
+    for (int64_t i = 0; i < T * nb; ++i) s[i / per] += bsum[i];
+    for (float& v : s) v *= f;
+    a.s = s.data();
+  }
+  parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
+    if (w.bits == 4) {
+      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<true, false, float>(w, a, y, ldy, T, n0, n1);
+    } else if (w.b16) {
+      if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, true, float>(w, a, y, ldy, T, n0, n1);
+    } else {
+      if (w.half) run_rows<false, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, false, float>(w, a, y, ldy, T, n0, n1);
+    }
+  });
+}
+
+namespace {
 
 // y = x @ W.T for x [T, K] float32.
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -397,33 +451,8 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const Weights w = describe(q, scale, min, block, bits, offset);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
               x.size(1) == w.K, "x must be contiguous float32 [T, K]");
-  const int64_t T = x.size(0), nb = w.K / 32;
-  std::vector<int8_t> xq(T * w.K);
-  std::vector<float> dx(T * nb), bsum(T * nb), s;
-  quantize_acts(x.data_ptr<float>(), T, w.K, xq.data(), dx.data(), bsum.data());
-  Acts a{xq.data(), dx.data(), nullptr};
-  if (w.min || w.offset != 0.0f) {  // the block sums, per scale block
-    const int64_t per = nb / w.nwb;
-    s.assign(T * w.nwb, 0.0f);
-    for (int64_t i = 0; i < T * nb; ++i) s[i / per] += bsum[i];
-    a.s = s.data();
-  }
-  at::Tensor y = at::empty({T, w.N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const bool half = scale.scalar_type() == at::kHalf;
-  const bool b16 = block == 16;
-  parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
-    if (bits == 4) {
-      if (half) run_rows<true, false, half_t>(w, a, yp, T, n0, n1);
-      else run_rows<true, false, float>(w, a, yp, T, n0, n1);
-    } else if (b16) {
-      if (half) run_rows<false, true, half_t>(w, a, yp, T, n0, n1);
-      else run_rows<false, true, float>(w, a, yp, T, n0, n1);
-    } else {
-      if (half) run_rows<false, false, half_t>(w, a, yp, T, n0, n1);
-      else run_rows<false, false, float>(w, a, yp, T, n0, n1);
-    }
-  });
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  qmatmul_into(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), w.N);
   return y;
 }
 
@@ -501,12 +530,15 @@ at::Tensor int8_f32_gemv(const at::Tensor& x, const at::Tensor& q, const at::Ten
 }
 
 }  // namespace
+}  // namespace miaotui
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace miaotui;
   // Other Python threads (a server's) may run while a kernel does.
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("set_threads", &set_threads, "threads for the kernels (0: torch's setting)");
   m.def("qmatmul", &qmatmul, "x @ W.T with int8-quantized activations", no_gil());
   m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());
+  register_decode(m);
 }

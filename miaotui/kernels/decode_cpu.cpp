@@ -1,0 +1,434 @@
+// The decoder layers of a Llama-family model for a batch of decode tokens, in one call.
+//
+// A decode step through PyTorch costs ~20 small ops per layer (norms, rope, cache writes,
+// attention, residuals), each a few microseconds of dispatch plus a thread wake-up: on
+// SmolLM2-135M that was 3/4 of the step. Here a layer is five parallel jobs on the kernels'
+// threads (qkv, attention, o, gate/up, down); everything between them is a few vector loops
+// on the calling thread. The math is the PyTorch path's (models/llama.py, layers/attention.py):
+//
+//   h = rmsnorm(x) ; q, k, v = h @ Wqkv (+ b) ; q, k = rmsnorm per head (Qwen3) ; rope(q, k)
+//   cache[slot] = k, v (int8 with a scale per token and head when the cache is int8)
+//   o = softmax(q . K * scale) V over the sequence's slots (its block table)
+//   x += o @ Wo ; h = rmsnorm(x) ; x += act(h @ Wg) * (h @ Wu) @ Wd
+//
+// Weights are either quantized (the int8-activation kernel of quant_cpu.cpp, what the
+// PyTorch path runs for decode too) or float32 (an FMA kernel here; BLAS from 16 tokens on).
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <immintrin.h>
+
+#include <chrono>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "quant_cpu.h"
+
+namespace miaotui {
+namespace {
+
+enum Phase { kQKV, kAttention, kO, kGateUp, kDown, kOther, kCalls };
+
+// Adds the time since the last lap to one of the phase counters (nanoseconds).
+struct Clock {
+  explicit Clock(int64_t* acc) : acc(acc), t(std::chrono::steady_clock::now()) {}
+  void lap(Phase p) {
+    const auto now = std::chrono::steady_clock::now();
+    acc[p] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - t).count();
+    t = now;
+  }
+  int64_t* acc;
+  std::chrono::steady_clock::time_point t;
+};
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// n is a multiple of 8 everywhere below (head_dim and hidden sizes are checked).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)  // four chains: one FMA's latency would bound a single one
+    for (int k = 0; k < 4; ++k)
+      acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
+  for (; i < n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
+  return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+inline float dot_i8(const float* a, const int8_t* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 bv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + i))));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), bv, acc);
+  }
+  return hsum8(acc);
+}
+
+// An int8 cache row as float32: q * scale (as KVCache.read).
+inline void widen(const int8_t* q, float scale, float* out, int64_t n) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+  }
+}
+
+// x[i] = exp(x[i] - m) for i < n; returns their sum. exp by range reduction to
+// [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients), ~1 ulp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float exp_sub(float* x, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+  return sum;
+}
+
+// w * (x * rsqrt(mean(x^2) + eps)), as RMSNorm.forward.
+void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+  }
+  const float r = 1.0f / std::sqrt(hsum8(acc) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// A row range of a linear layer's output, stored one way.
+struct Part {
+  int64_t out0, n, k;
+  std::optional<Weights> quant;  // else float32 [n, k]
+  at::Tensor dense;
+};
+
+struct Linear {
+  std::vector<Part> parts;
+  const float* bias = nullptr;
+  int64_t N = 0;
+
+  // y [T, N] = x [T, K] @ W.T (+ bias)
+  void run(const float* x, int64_t T, float* y) const {
+    for (const Part& p : parts) {
+      if (p.quant) {
+        qmatmul_into(x, T, *p.quant, y + p.out0, N);
+      } else if (T >= 16) {  // compute-bound: BLAS
+        const at::Tensor xt = at::from_blob(const_cast<float*>(x), {T, p.k}, at::kFloat);
+        const at::Tensor r = at::mm(xt, p.dense.t());
+        const float* rp = r.data_ptr<float>();
+        for (int64_t t = 0; t < T; ++t) std::copy(rp + t * p.n, rp + (t + 1) * p.n, y + t * N + p.out0);
+      } else {
+        const float* w = p.dense.data_ptr<float>();
+        parallel_rows(p.n, 8, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t t = 0; t < T; ++t) y[t * N + p.out0 + n] = dot(x + t * p.k, w + n * p.k, p.k);
+        });
+      }
+    }
+    if (bias)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) y[t * N + n] += bias[n];
+  }
+};
+
+struct Layer {
+  const float* in_norm = nullptr;
+  const float* post_norm = nullptr;
+  const float* q_norm = nullptr;  // Qwen3
+  const float* k_norm = nullptr;
+  Linear lin[4];  // qkv, o, gate_up, down
+  at::Tensor k, v, k_scale, v_scale;  // the paged cache; scales when int8
+};
+
+class DecodeModel {
+ public:
+  DecodeModel(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+              int64_t intermediate, double eps, double scale, int64_t block_size, int64_t window)
+      : H_(hidden), nh_(heads), nkv_(kv_heads), hd_(head_dim), I_(intermediate),
+        eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)), bs_(block_size),
+        window_(window) {
+    TORCH_CHECK(H_ % 8 == 0 && hd_ % 8 == 0 && nh_ % nkv_ == 0, "unsupported shape");
+  }
+
+  void add_layer(const at::Tensor& in_norm, const at::Tensor& post_norm,
+                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                 const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k_scale,
+                 const std::optional<at::Tensor>& v_scale) {
+    Layer l;
+    l.in_norm = f32(in_norm, H_);
+    l.post_norm = f32(post_norm, H_);
+    if (q_norm) l.q_norm = f32(*q_norm, hd_);
+    if (k_norm) l.k_norm = f32(*k_norm, hd_);
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && k.size(1) == nkv_ &&
+                k.size(2) == hd_, "cache shape");
+    const bool int8 = k.scalar_type() == at::kChar;
+    TORCH_CHECK(int8 ? (k_scale && v_scale) : k.scalar_type() == at::kFloat, "cache dtype");
+    l.k = k, l.v = v;
+    TORCH_CHECK(layers_.empty() || num_slots_ == k.size(0), "caches differ in size");
+    num_slots_ = k.size(0);
+    if (int8) l.k_scale = *k_scale, l.v_scale = *v_scale;
+    const int64_t outs[4] = {(nh_ + 2 * nkv_) * hd_, H_, 2 * I_, H_};
+    for (int i = 0; i < 4; ++i) l.lin[i].N = outs[i];
+    layers_.push_back(std::move(l));
+  }
+
+  void add_quant(int64_t layer, int64_t which, int64_t out0, const at::Tensor& q,
+                 const at::Tensor& scale, const at::Tensor& min, int64_t block, int64_t bits,
+                 double offset) {
+    Part p;
+    p.quant = describe(q, scale, min, block, bits, offset);
+    p.out0 = out0, p.n = p.quant->N, p.k = p.quant->K;
+    p.dense = at::Tensor();
+    keep_.insert(keep_.end(), {q, scale, min});
+    add_part(layer, which, std::move(p));
+  }
+
+  void add_dense(int64_t layer, int64_t which, int64_t out0, const at::Tensor& w) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) % 8 == 0,
+                "dense weights must be contiguous float32 with in_features % 8 == 0");
+    Part p;
+    p.out0 = out0, p.n = w.size(0), p.k = w.size(1), p.dense = w;
+    add_part(layer, which, std::move(p));
+  }
+
+  void set_bias(int64_t layer, int64_t which, const at::Tensor& b) {
+    Linear& l = layers_.at(layer).lin[which];
+    l.bias = f32(b, l.N);
+  }
+
+  // x [B, H] (updated in place): the hidden states after every layer, before the final norm.
+  // cos/sin [B, hd/2]; slots [B] where each token's K/V goes; tables [B, nblk] block tables;
+  // lens [B] tokens in each sequence's context, this one included.
+  void forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+               const at::Tensor& tables, const at::Tensor& lens) {
+    const int64_t B = x.size(0), half = hd_ / 2, QKV = (nh_ + 2 * nkv_) * hd_;
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == H_, "x");
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B && cos.size(1) == half, "rope");
+    TORCH_CHECK(slots.scalar_type() == at::kLong && tables.scalar_type() == at::kLong &&
+                lens.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == B, "metadata");
+    check_complete();
+    float* xp = x.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    const int64_t *slot = slots.data_ptr<int64_t>(), *table = tables.data_ptr<int64_t>(),
+                  *len = lens.data_ptr<int64_t>();
+    const int64_t nblk = tables.size(1);
+    std::vector<std::vector<int64_t>> ctx(B);  // each sequence's slots (within the window)
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(len[b] >= 1 && len[b] <= nblk * bs_, "context length outside the block table");
+      const int64_t* tb = table + b * nblk;
+      for (int64_t pos = window_ > 0 ? std::max<int64_t>(0, len[b] - window_) : 0; pos < len[b]; ++pos) {
+        const int64_t s = tb[pos / bs_] * bs_ + pos % bs_;
+        TORCH_CHECK(s >= 0 && s < num_slots_, "slot out of range");
+        ctx[b].push_back(s);
+      }
+    }
+    std::vector<float> h(B * H_), qkv(B * QKV), att(B * nh_ * hd_), gu(B * 2 * I_), act(B * I_), y(B * H_);
+    Clock clock(profile_);
+    for (Layer& l : layers_) {
+      for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, l.in_norm, eps_, H_, h.data() + b * H_);
+      clock.lap(kOther);
+      l.lin[0].run(h.data(), B, qkv.data());
+      clock.lap(kQKV);
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkv.data() + b * QKV;
+        for (int64_t i = 0; i < nh_ + nkv_; ++i) {  // q heads, then k heads
+          float* head = row + i * hd_;
+          const float* nw = i < nh_ ? l.q_norm : l.k_norm;
+          if (nw) rmsnorm(head, nw, eps_, hd_, head);
+          const float *c = cp + b * half, *s = sp + b * half;
+          for (int64_t j = 0; j < half; ++j) {
+            const float x1 = head[j], x2 = head[j + half];
+            head[j] = x1 * c[j] - x2 * s[j];
+            head[j + half] = x2 * c[j] + x1 * s[j];
+          }
+        }
+        write_kv(l, slot[b], row + nh_ * hd_, row + (nh_ + nkv_) * hd_);
+      }
+      clock.lap(kOther);
+      attention(l, B, qkv.data(), ctx, att.data());
+      clock.lap(kAttention);
+      l.lin[1].run(att.data(), B, y.data());
+      clock.lap(kO);
+      for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
+      for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, l.post_norm, eps_, H_, h.data() + b * H_);
+      clock.lap(kOther);
+      l.lin[2].run(h.data(), B, gu.data());
+      clock.lap(kGateUp);
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g = gu.data() + b * 2 * I_;
+        float* a = act.data() + b * I_;
+        for (int64_t i = 0; i < I_; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * g[I_ + i];
+      }
+      clock.lap(kOther);
+      l.lin[3].run(act.data(), B, y.data());
+      clock.lap(kDown);
+      for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
+    }
+    clock.lap(kOther);
+    ++profile_[kCalls];
+  }
+
+  // Seconds spent in each part since construction (or reset): the profile of a step.
+  pybind11::dict profile(bool reset) {
+    pybind11::dict d;
+    const char* names[] = {"qkv", "attention", "o", "gate_up", "down", "other"};
+    for (int i = 0; i < kCalls; ++i) d[names[i]] = profile_[i] * 1e-9;
+    d["calls"] = profile_[kCalls];
+    if (reset) std::fill(std::begin(profile_), std::end(profile_), 0);
+    return d;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static const float* f32(const at::Tensor& t, int64_t n) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "expected float32 [", n, "]");
+    return t.data_ptr<float>();
+  }
+
+  void add_part(int64_t layer, int64_t which, Part p) {
+    TORCH_CHECK(which >= 0 && which < 4, "which");
+    Linear& l = layers_.at(layer).lin[which];
+    const int64_t K = which == 0 || which == 2 ? H_ : which == 1 ? nh_ * hd_ : I_;
+    TORCH_CHECK(p.k == K && p.out0 >= 0 && p.out0 + p.n <= l.N, "part shape");
+    l.parts.push_back(std::move(p));
+  }
+
+  void check_complete() {
+    if (complete_) return;
+    for (const Layer& l : layers_)
+      for (const Linear& lin : l.lin) {
+        int64_t n = 0;
+        for (const Part& p : lin.parts) n += p.n;
+        TORCH_CHECK(n == lin.N, "a linear layer is missing weights");
+      }
+    complete_ = true;
+  }
+
+  void write_kv(Layer& l, int64_t slot, const float* k, const float* v) {
+    TORCH_CHECK(slot >= 0 && slot < l.k.size(0), "slot out of range");
+    const int64_t row = slot * nkv_ * hd_;
+    if (l.k.scalar_type() == at::kFloat) {
+      std::copy(k, k + nkv_ * hd_, l.k.data_ptr<float>() + row);
+      std::copy(v, v + nkv_ * hd_, l.v.data_ptr<float>() + row);
+      return;
+    }
+    // int8: scale = max|x| / 127 (at least 1e-8), q = round(x / scale), as KVCache._quant
+    const float* src[2] = {k, v};
+    int8_t* dst[2] = {l.k.data_ptr<int8_t>() + row, l.v.data_ptr<int8_t>() + row};
+    float* sc[2] = {l.k_scale.data_ptr<float>() + slot * nkv_, l.v_scale.data_ptr<float>() + slot * nkv_};
+    for (int kv = 0; kv < 2; ++kv)
+      for (int64_t h = 0; h < nkv_; ++h) {
+        const float* s = src[kv] + h * hd_;
+        float m = 0.0f;
+        for (int64_t i = 0; i < hd_; ++i) m = std::max(m, std::fabs(s[i]));
+        const float scale = std::max(m, 1e-8f) / 127.0f;
+        sc[kv][h] = scale;
+        for (int64_t i = 0; i < hd_; ++i) dst[kv][h * hd_ + i] = static_cast<int8_t>(std::nearbyint(s[i] / scale));
+      }
+  }
+
+  // One job per (sequence, query head): scores against the keys of its slots, softmax,
+  // the weighted sum of values. ctx[b] lists sequence b's slots, oldest first.
+  void attention(const Layer& l, int64_t B, const float* qkv, const std::vector<std::vector<int64_t>>& ctx,
+                 float* out) const {
+    const int64_t g = nh_ / nkv_, QKV = (nh_ + 2 * nkv_) * hd_;
+    const bool int8 = l.k.scalar_type() == at::kChar;
+    const float* kf32 = int8 ? nullptr : l.k.data_ptr<float>();
+    const float* vf32 = int8 ? nullptr : l.v.data_ptr<float>();
+    const int8_t* ki8 = int8 ? l.k.data_ptr<int8_t>() : nullptr;
+    const int8_t* vi8 = int8 ? l.v.data_ptr<int8_t>() : nullptr;
+    const float* ksc = int8 ? l.k_scale.data_ptr<float>() : nullptr;
+    const float* vsc = int8 ? l.v_scale.data_ptr<float>() : nullptr;
+    parallel_rows(B * nh_, 1, [&](int64_t j0, int64_t j1) {
+      std::vector<float> p, kvf(hd_);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t b = j / nh_, h = j % nh_, kh = h / g;
+        const std::vector<int64_t>& slots = ctx[b];
+        const int64_t L = static_cast<int64_t>(slots.size());
+        const float* q = qkv + b * QKV + h * hd_;
+        p.resize(L);
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t row = slots[i] * nkv_ + kh;
+          float d;
+          if (int8) {
+            widen(ki8 + row * hd_, ksc[row], kvf.data(), hd_);
+            d = dot(q, kvf.data(), hd_);
+          } else {
+            d = dot(q, kf32 + row * hd_, hd_);
+          }
+          p[i] = d * scale_;
+        }
+        float m = -INFINITY;
+        for (int64_t i = 0; i < L; ++i) m = std::max(m, p[i]);
+                const float sum = exp_sub(p.data(), L, m);
+        const float inv = 1.0f / sum;
+        float* o = out + b * nh_ * hd_ + h * hd_;
+        std::fill(o, o + hd_, 0.0f);
+        for (int64_t i = 0; i < L; ++i) {
+          const int64_t row = slots[i] * nkv_ + kh;
+          const float* v = vf32 + row * hd_;
+          if (int8) {
+            widen(vi8 + row * hd_, vsc[row], kvf.data(), hd_);
+            v = kvf.data();
+          }
+          const __m256 w = _mm256_set1_ps(p[i] * inv);
+          for (int64_t e = 0; e < hd_; e += 8)
+            _mm256_storeu_ps(o + e, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + e), _mm256_loadu_ps(o + e)));
+        }
+      }
+    });
+  }
+
+  int64_t H_, nh_, nkv_, hd_, I_;
+  float eps_, scale_;
+  int64_t bs_, window_;
+  int64_t num_slots_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<at::Tensor> keep_;  // quantized weights stay alive as long as this model
+  bool complete_ = false;
+  int64_t profile_[kCalls + 1] = {};
+};
+
+}  // namespace
+
+void register_decode(pybind11::module& m) {
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  pybind11::class_<DecodeModel>(m, "DecodeModel")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t, int64_t>())
+      .def("add_layer", &DecodeModel::add_layer)
+      .def("add_quant", &DecodeModel::add_quant)
+      .def("add_dense", &DecodeModel::add_dense)
+      .def("set_bias", &DecodeModel::set_bias)
+      .def("num_layers", &DecodeModel::num_layers)
+      .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)
+      .def("forward", &DecodeModel::forward, no_gil());
+}
+
+}  // namespace miaotui

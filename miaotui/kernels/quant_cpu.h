@@ -1,0 +1,38 @@
+// What the kernel files share: the quantized weight description, the thread pool and the
+// int8-activation matmul (quant_cpu.cpp), used by the fused decode step (decode_cpu.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstdint>
+#include <functional>
+
+namespace miaotui {
+
+// A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
+struct Weights {
+  const uint8_t* q;
+  const void* scale;
+  const void* min;  // nullptr: none
+  int64_t N, K;
+  int64_t nwb;        // scale blocks per row
+  int shift;          // scale index of 32-block b is b >> shift (B == 16: unused)
+  int64_t row_bytes;
+  float offset;       // 8 for int4 without a min, else 0
+  int bits;           // 4 or 8
+  bool half;          // float16 scales (else float32)
+  bool b16;           // blocks of 16
+};
+
+Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
+                 int64_t block, int64_t bits, double offset);
+
+// y[t, n] (rows ldy apart) = x[t] . W[n] with x [T, K] quantized to int8 per block of 32.
+void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
+
+// f(begin, end) over [0, n) in chunks of at least `grain`, on the kernels' threads.
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
+
+void register_decode(pybind11::module& m);
+
+}  // namespace miaotui
