@@ -5,7 +5,10 @@ import os
 # on a 2-core machine where any other process runs took 740 ms instead of 70 ms: each of
 # the ~600 small ops per step waited for a descheduled spinning thread. Must be set
 # before torch starts its thread pool, so import miaotui before torch to get it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# (bench/llama_cpp.py undoes it for llama.cpp, whose own OpenMP threads it slows 10x.)
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["MIAOTUI_SET_OMP_WAIT_POLICY"] = "1"
 from miaotui.config import MiaotuiError
 from miaotui.sampling_params import SamplingParams
 

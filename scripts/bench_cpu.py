@@ -74,9 +74,8 @@ def run_miaotui(path: str, vocab: int, threads: int) -> dict:
 
 
 def run_llama_cpp(path: str, vocab: int, threads: int) -> dict:
-    from llama_cpp import Llama
-    llm = Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, verbose=False)
+    from miaotui.bench import llama_cpp
+    llm = llama_cpp.load(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512)
 
     def tokens(ids):
         llm.reset()
@@ -95,11 +94,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/cpu_path.json")
     args = ap.parse_args()
-    try:
-        import llama_cpp  # noqa: F401
-        have_llama = True
-    except ImportError:
-        have_llama = False
+    from miaotui.bench import llama_cpp
+    from miaotui.bench.throughput import in_child
+    have_llama = llama_cpp.available()
+    if not have_llama:
         print("llama-cpp-python not installed: llama.cpp columns skipped", file=sys.stderr)
     from miaotui.bench.shapes import hf_config
     rows = []
@@ -109,7 +107,7 @@ def main() -> None:
             path = gguf_file(shape, qt)
             row = {"shape": shape, "qtype": qt, "miaotui": run_miaotui(path, vocab, args.threads)}
             if have_llama:
-                row["llama_cpp"] = run_llama_cpp(path, vocab, args.threads)
+                row["llama_cpp"] = in_child(run_llama_cpp, path, vocab, args.threads)  # see bench/llama_cpp.py
                 for k in ("prefill_tok_s", "decode_tok_s"):
                     row[f"{k}_ratio"] = row["miaotui"][k] / row["llama_cpp"][k]
             rows.append(row)

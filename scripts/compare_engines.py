@@ -37,11 +37,11 @@ def run_miaotui(path: str, requests, threads: int) -> dict:
 
 
 def run_llama_cpp(path: str, requests, threads: int) -> dict:
-    from llama_cpp import Llama
+    from miaotui.bench import llama_cpp
     torch.set_num_threads(threads)
     n_ctx = max(len(r.prompt_ids) + r.output_len for r in requests) + 8
     with tp.RssSampler() as rss:
-        llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
+        llm = llama_cpp.load(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512)
         n_vocab = llm.n_vocab()
         for _ in zip(range(4), llm.generate(requests[0].prompt_ids[:16], temp=0.0)):  # warm-up
             pass
@@ -84,9 +84,8 @@ def main(argv=None) -> int:
         elif name == "transformers":
             runs[name] = tp.bench_transformers(path, requests, args.hf_batch_size, threads=args.threads)
         elif name == "llama.cpp":
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
+            from miaotui.bench import llama_cpp
+            if not llama_cpp.available():
                 skipped[name] = "llama_cpp is not installed (pip install llama-cpp-python)"
                 continue
             if not path.endswith(".gguf"):

@@ -295,3 +295,23 @@ def test_state_dict_round_trip(tmp_path, name, w):
     assert type(w2) is type(w) and w2.nbytes() == w.nbytes()
     assert (w2.out_features, w2.in_features, w2.block_size) == (w.out_features, w.in_features, w.block_size)
     assert torch.equal(w2.dequantize(), w.dequantize())
+
+
+def test_asymmetric_int4_fit_beats_min_max_and_recovers_4bit_grids():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    g = w.view(64, -1, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = (hi - lo) / 15
+    minmax = ((g - lo) / s).round().clamp(0, 15) * s + lo
+    fit = Q.quantize_int4(w, 32, symmetric=False).dequantize()
+    assert (fit - w).pow(2).mean() < 0.95 * (minmax.view(64, 256) - w).pow(2).mean()
+    # a weight that is 4-bit already, its groups using only steps 2..12 of their grid
+    # (as a requantized Q4_K / Q4_1 tensor): min-max rounds it again, the fit finds the grid
+    scale = (torch.rand(64, 8, 1) * 0.1 + 0.01).half().float()
+    mn = (-torch.rand(64, 8, 1)).half().float()
+    w4 = (torch.randint(2, 13, (64, 8, 32)).float() * scale + mn).view(64, 256)
+    w4[:, ::32] = (2 * scale + mn).view(64, 8)        # both ends used: steps 2 and 12
+    w4[:, 1::32] = (12 * scale + mn).view(64, 8)
+    err = (Q.quantize_int4(w4, 32, symmetric=False).dequantize() - w4).abs().max()
+    assert err < 1e-3 * w4.abs().max()

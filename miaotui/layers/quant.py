@@ -251,12 +251,49 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32, symmetric: bool = True)
         q = torch.where(s != 0, g / s, 0.0).round().clamp(-8, 7) + 8
         mn = None
     else:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        dt = _scale_dtype((hi - lo) / 15, lo)
-        scale, mn = ((hi - lo) / 15).to(dt), lo.to(dt)
+        scale, mn = _fit_asymmetric(g)
+        dt = _scale_dtype(scale, mn)
+        scale, mn = scale.to(dt), mn.to(dt)
         s = scale.float()[..., None]
         q = torch.where(s != 0, (g - mn.float()[..., None]) / s, 0.0).round().clamp(0, 15)
     return Int4Weight(_pack_int4(q.view(n, k)), scale, mn, group_size, k)
+
+
+def _fit_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of g [..., G], the scale and min of w ~ scale * q + min (q in 0..15) with
+    the least squared error among a few candidate grids, each refitted by least squares for
+    its rounding (as llama.cpp does for its K-quants). The grids split the group's range in
+    15, 14, ..., 8 steps: on weights that were 4-bit already (Gemma's Q4_K_M file), a group
+    that does not use both end values of its old grid gets that grid back exactly, where
+    min-max (15 steps) would round every value a second time. Rows go in chunks that stay
+    in cache."""
+    scale, mn = torch.empty(g.shape[:-1]), torch.empty(g.shape[:-1])
+    rows = max(1, (1 << 20) // max(1, g[0].numel()))
+    for r0 in range(0, g.shape[0], rows):
+        scale[r0:r0 + rows], mn[r0:r0 + rows] = _fit_chunk(g[r0:r0 + rows])
+    return scale, mn
+
+
+def _fit_chunk(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    wm = g.mean(-1, keepdim=True)
+    syy = ((g - wm) ** 2).sum(-1, keepdim=True)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_m = (hi - lo) / 15, lo
+    for steps in range(15, 7, -1):
+        s = (hi - lo) / steps
+        q = torch.where(s > 0, (g - lo) / s, 0.0).round_().clamp_(0, 15)
+        qmean = q.mean(-1, keepdim=True)
+        q -= qmean                                          # centred: the fit is a regression
+        sxx = (q * q).sum(-1, keepdim=True)
+        sxy = (q * g).sum(-1, keepdim=True)
+        s_fit = torch.where(sxx > 0, sxy / sxx.clamp_min(1e-30), 0.0)
+        err = syy - s_fit * sxy                             # residual sum of squares
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s_fit, best_s)
+        best_m = torch.where(better, wm - s_fit * qmean, best_m)
+    return best_s.squeeze(-1).clamp_min(0), best_m.squeeze(-1)
 
 
 # --- GGUF ------------------------------------------------------------------------------
