@@ -29,6 +29,7 @@ def alone(tiny_llama_dir):
     dict(),                                              # batched, prefix caching on
     dict(enable_prefix_caching=False),
     dict(max_num_batched_tokens=32),                     # chunked prefill
+    dict(max_num_batched_tokens=3, max_num_seqs=4),     # 1-token prefill chunks too
     dict(max_num_seqs=3),
 ])
 def test_batched_equals_alone(tiny_llama_dir, alone, kwargs):

@@ -87,8 +87,8 @@ class ModelRunner:
             meta.decode_sliding_mask = meta.decode_mask
             if self.window is not None and max_len > self.window:
                 meta.decode_sliding_mask = (valid & (k_pos.unsqueeze(0) > cur - self.window))[:, None, None, :]
-            for s, _ in decodes:
-                ids.append(s.token_ids[-1])
+            for s, _ in decodes:  # a one-token prefill chunk too: not always the last token
+                ids.append(s.token_ids[s.num_computed_tokens])
             pos.append(lens - 1)
             slots.append(dslots[torch.arange(len(decodes)), lens - 1])
         meta.slot_mapping = torch.cat(slots)
@@ -100,21 +100,30 @@ class ModelRunner:
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
         """One forward pass. Returns {seq_id: sampled token} for sequences that reached
         the end of their known tokens (a finished prefill, or a decode)."""
-        if self.decoder is not None and all(n == 1 for _, n in batch):
+        if self.decoder is not None and all(n == 1 and (s.params.prompt_logprobs is None or
+                                                      s.num_computed_tokens >= s.num_prompt_tokens)
+                                            for s, n in batch):
             return self._decode_fused([s for s, _ in batch])
         ordered, input_ids, positions, meta = self.prepare(batch)
         with exact_activations(bool(meta.prefills)):
             return self._forward(ordered, input_ids, positions, meta)
 
     def _decode_fused(self, seqs: list[Sequence]) -> dict[int, int]:
-        """A step of decodes only, through the C++ decoder: the metadata as plain lists."""
+        """One token per sequence through the C++ decoder, the metadata as plain lists. A
+        one-token prefill chunk is such a token too; it samples only at the prompt's end."""
         bs = self.block_size
         lens = [s.num_computed_tokens + 1 for s in seqs]
         nblk = -(-max(lens) // bs)
         tables = [s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in seqs]
         slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
-        hidden = self.decoder(torch.tensor([s.token_ids[-1] for s in seqs]), torch.tensor(lens) - 1,
-                              torch.tensor(slots), torch.tensor(tables), torch.tensor(lens))
+        hidden = self.decoder(torch.tensor([s.token_ids[n - 1] for s, n in zip(seqs, lens)]),
+                              torch.tensor(lens) - 1, torch.tensor(slots), torch.tensor(tables),
+                              torch.tensor(lens))
+        rows = [i for i, (s, n) in enumerate(zip(seqs, lens)) if n == len(s)]
+        if not rows:
+            return {}
+        if len(rows) < len(seqs):
+            hidden, seqs = hidden[rows], [seqs[i] for i in rows]
         tokens = self.sampler(self.model.compute_logits(hidden), seqs)
         return {s.seq_id: t for s, t in zip(seqs, tokens)}
 
