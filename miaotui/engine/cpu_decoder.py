@@ -51,6 +51,9 @@ class CPUDecoder:
                 for which, lin in enumerate((a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)):
                     if not _add_linear(impl, i, which, lin):
                         return None
+            impl.set_head(model.norm.weight, cfg.vocab_size)
+            if not _add_linear(impl, -1, 0, model.lm_head):
+                return None
         except RuntimeError:  # a shape or dtype the C++ side does not take
             return None
         return cls(model, impl)
@@ -58,11 +61,10 @@ class CPUDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, hidden] of one decode token per sequence."""
+        """Logits [B, vocab] of one token per sequence."""
         x = self.model.embed(input_ids).contiguous()
         cos, sin = self.model.rotary.lookup(positions)
-        self.impl.forward(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, tables, lens)
-        return self.model.norm(x)
+        return self.impl.forward(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, tables, lens)
 
 
 def _add_linear(impl, layer: int, which: int, lin: Linear) -> bool:

@@ -116,15 +116,15 @@ class ModelRunner:
         nblk = -(-max(lens) // bs)
         tables = [s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in seqs]
         slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
-        hidden = self.decoder(torch.tensor([s.token_ids[n - 1] for s, n in zip(seqs, lens)]),
+        logits = self.decoder(torch.tensor([s.token_ids[n - 1] for s, n in zip(seqs, lens)]),
                               torch.tensor(lens) - 1, torch.tensor(slots), torch.tensor(tables),
                               torch.tensor(lens))
         rows = [i for i, (s, n) in enumerate(zip(seqs, lens)) if n == len(s)]
         if not rows:
             return {}
         if len(rows) < len(seqs):
-            hidden, seqs = hidden[rows], [seqs[i] for i in rows]
-        tokens = self.sampler(self.model.compute_logits(hidden), seqs)
+            logits, seqs = logits[rows], [seqs[i] for i in rows]
+        tokens = self.sampler(logits, seqs)
         return {s.seq_id: t for s, t in zip(seqs, tokens)}
 
     def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:

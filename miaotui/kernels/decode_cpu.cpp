@@ -13,6 +13,7 @@
 //
 // Weights are either quantized (the int8-activation kernel of quant_cpu.cpp, what the
 // PyTorch path runs for decode too) or float32 (an FMA kernel here; BLAS from 16 tokens on).
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <immintrin.h>
@@ -27,7 +28,7 @@
 namespace miaotui {
 namespace {
 
-enum Phase { kQKV, kAttention, kO, kGateUp, kDown, kOther, kCalls };
+enum Phase { kQKV, kAttention, kO, kGateUp, kDown, kHead, kOther, kCalls };
 
 // Adds the time since the last lap to one of the phase counters (nanoseconds).
 struct Clock {
@@ -57,6 +58,26 @@ inline float dot(const float* a, const float* b, int64_t n) {
       acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
   for (; i < n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
   return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+// out[r] = x . w[r] for four rows r of w (k apart): four weight streams at once keep more
+// memory requests in flight than one row at a time.
+inline void dot4(const float* x, const float* w, int64_t k, float* out) {
+  __m256 acc[4][2];
+  for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int r = 0; r < 4; ++r) {
+      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * k + i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * k + i + 8), acc[r][1]);
+    }
+  }
+  for (; i < k; i += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    for (int r = 0; r < 4; ++r) acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * k + i), acc[r][0]);
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 inline float dot_i8(const float* a, const int8_t* b, int64_t n) {
@@ -146,7 +167,14 @@ struct Linear {
       } else {
         const float* w = p.dense.data_ptr<float>();
         parallel_rows(p.n, 8, [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n)
+          int64_t n = n0;
+          for (; n + 4 <= n1; n += 4)
+            for (int64_t t = 0; t < T; ++t) {
+              float r[4];
+              dot4(x + t * p.k, w + n * p.k, p.k, r);
+              for (int i = 0; i < 4; ++i) y[t * N + p.out0 + n + i] = r[i];
+            }
+          for (; n < n1; ++n)
             for (int64_t t = 0; t < T; ++t) y[t * N + p.out0 + n] = dot(x + t * p.k, w + n * p.k, p.k);
         });
       }
@@ -217,15 +245,22 @@ class DecodeModel {
     add_part(layer, which, std::move(p));
   }
 
+  // The final norm and the LM head [vocab, H] (its weights then go through add_quant /
+  // add_dense with layer -1).
+  void set_head(const at::Tensor& norm, int64_t vocab) {
+    final_norm_ = f32(norm, H_);
+    head_.N = vocab;
+  }
+
   void set_bias(int64_t layer, int64_t which, const at::Tensor& b) {
-    Linear& l = layers_.at(layer).lin[which];
+    Linear& l = linear(layer, which);
     l.bias = f32(b, l.N);
   }
 
-  // x [B, H] (updated in place): the hidden states after every layer, before the final norm.
+  // Logits [B, vocab] of one token per sequence. x [B, H]: their embeddings (overwritten);
   // cos/sin [B, hd/2]; slots [B] where each token's K/V goes; tables [B, nblk] block tables;
   // lens [B] tokens in each sequence's context, this one included.
-  void forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                const at::Tensor& tables, const at::Tensor& lens) {
     const int64_t B = x.size(0), half = hd_ / 2, QKV = (nh_ + 2 * nkv_) * hd_;
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == H_, "x");
@@ -290,14 +325,19 @@ class DecodeModel {
       clock.lap(kDown);
       for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
     }
+    for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, final_norm_, eps_, H_, h.data() + b * H_);
+    at::Tensor logits = at::empty({B, head_.N}, x.options());
     clock.lap(kOther);
+    head_.run(h.data(), B, logits.data_ptr<float>());
+    clock.lap(kHead);
     ++profile_[kCalls];
+    return logits;
   }
 
   // Seconds spent in each part since construction (or reset): the profile of a step.
   pybind11::dict profile(bool reset) {
     pybind11::dict d;
-    const char* names[] = {"qkv", "attention", "o", "gate_up", "down", "other"};
+    const char* names[] = {"qkv", "attention", "o", "gate_up", "down", "lm_head", "other"};
     for (int i = 0; i < kCalls; ++i) d[names[i]] = profile_[i] * 1e-9;
     d["calls"] = profile_[kCalls];
     if (reset) std::fill(std::begin(profile_), std::end(profile_), 0);
@@ -312,16 +352,21 @@ class DecodeModel {
     return t.data_ptr<float>();
   }
 
-  void add_part(int64_t layer, int64_t which, Part p) {
+  Linear& linear(int64_t layer, int64_t which) {
     TORCH_CHECK(which >= 0 && which < 4, "which");
-    Linear& l = layers_.at(layer).lin[which];
-    const int64_t K = which == 0 || which == 2 ? H_ : which == 1 ? nh_ * hd_ : I_;
+    return layer < 0 ? head_ : layers_.at(layer).lin[which];
+  }
+
+  void add_part(int64_t layer, int64_t which, Part p) {
+    Linear& l = linear(layer, which);
+    const int64_t K = layer < 0 || which == 0 || which == 2 ? H_ : which == 1 ? nh_ * hd_ : I_;
     TORCH_CHECK(p.k == K && p.out0 >= 0 && p.out0 + p.n <= l.N, "part shape");
     l.parts.push_back(std::move(p));
   }
 
   void check_complete() {
     if (complete_) return;
+    TORCH_CHECK(final_norm_ && !head_.parts.empty(), "the LM head is missing");
     for (const Layer& l : layers_)
       for (const Linear& lin : l.lin) {
         int64_t n = 0;
@@ -411,6 +456,8 @@ class DecodeModel {
   int64_t bs_, window_;
   int64_t num_slots_ = 0;
   std::vector<Layer> layers_;
+  Linear head_;
+  const float* final_norm_ = nullptr;
   std::vector<at::Tensor> keep_;  // quantized weights stay alive as long as this model
   bool complete_ = false;
   int64_t profile_[kCalls + 1] = {};
@@ -426,6 +473,7 @@ void register_decode(pybind11::module& m) {
       .def("add_quant", &DecodeModel::add_quant)
       .def("add_dense", &DecodeModel::add_dense)
       .def("set_bias", &DecodeModel::set_bias)
+      .def("set_head", &DecodeModel::set_head)
       .def("num_layers", &DecodeModel::num_layers)
       .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)
       .def("forward", &DecodeModel::forward, no_gil());
