@@ -95,7 +95,6 @@ def main() -> None:
     ap.add_argument("--out", default="results/cpu_path.json")
     args = ap.parse_args()
     from miaotui.bench import llama_cpp
-    from miaotui.bench.throughput import in_child
     have_llama = llama_cpp.available()
     if not have_llama:
         print("llama-cpp-python not installed: llama.cpp columns skipped", file=sys.stderr)
@@ -107,7 +106,7 @@ def main() -> None:
             path = gguf_file(shape, qt)
             row = {"shape": shape, "qtype": qt, "miaotui": run_miaotui(path, vocab, args.threads)}
             if have_llama:
-                row["llama_cpp"] = in_child(run_llama_cpp, path, vocab, args.threads)  # see bench/llama_cpp.py
+                row["llama_cpp"] = llama_cpp.in_child(run_llama_cpp, path, vocab, args.threads)
                 for k in ("prefill_tok_s", "decode_tok_s"):
                     row[f"{k}_ratio"] = row["miaotui"][k] / row["llama_cpp"][k]
             rows.append(row)

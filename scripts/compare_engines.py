@@ -19,11 +19,9 @@ import os
 import sys
 import time
 
-import torch
 
 from miaotui.bench import throughput as tp
 from miaotui.bench.report import make_result, table, write_json
-from miaotui.bench.shapes import resolve_model
 from miaotui.bench.workload import random_requests
 
 
@@ -38,7 +36,6 @@ def run_miaotui(path: str, requests, threads: int) -> dict:
 
 def run_llama_cpp(path: str, requests, threads: int) -> dict:
     from miaotui.bench import llama_cpp
-    torch.set_num_threads(threads)
     n_ctx = max(len(r.prompt_ids) + r.output_len for r in requests) + 8
     with tp.RssSampler() as rss:
         llm = llama_cpp.load(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512)
@@ -69,6 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", "-o", default=None, help="JSON results")
     args = ap.parse_args(argv)
+    import torch
+
+    from miaotui.bench.shapes import resolve_model
     torch.set_num_threads(args.threads)
 
     from miaotui.loader import default_model_path, open_checkpoint
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             if not path.endswith(".gguf"):
                 skipped[name] = "llama.cpp needs a .gguf model"
                 continue
-            runs[name] = tp.in_child(run_llama_cpp, path, requests, args.threads)
+            runs[name] = llama_cpp.in_child(run_llama_cpp, path, requests, args.threads)
         else:
             ap.error(f"unknown engine {name!r}")
 
