@@ -182,7 +182,8 @@ def test_disconnect_aborts_request(tiny):
 def test_disconnect_aborts_non_streaming_request(tiny):
     base, served, _, _ = tiny
     aborted = metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
-    body = {"model": "tiny", "prompt": "go on", "max_tokens": 900, "ignore_eos": True}
+    # 16 x 900 tokens: long enough for the client to give up first, even at thousands of tok/s
+    body = {"model": "tiny", "prompt": "go on", "max_tokens": 900, "ignore_eos": True, "n": 16}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=0.5)
     assert wait_for(lambda: metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
