@@ -12,7 +12,7 @@
 //   x += o @ Wo ; h = rmsnorm(x) ; x += act(h @ Wg) * (h @ Wu) @ Wd
 //
 // Weights are either quantized (the int8-activation kernel of quant_cpu.cpp, what the
-// PyTorch path runs for decode too) or float32 (an FMA kernel here; BLAS from 16 tokens on).
+// PyTorch path runs for decode too) or float32 (an FMA kernel here; BLAS from 4 tokens on).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -159,7 +159,7 @@ struct Linear {
     for (const Part& p : parts) {
       if (p.quant) {
         qmatmul_into(x, T, *p.quant, y + p.out0, N);
-      } else if (T >= 16) {  // compute-bound: BLAS
+      } else if (T >= 4) {  // from 4 tokens on, compute-bound: BLAS
         const at::Tensor xt = at::from_blob(const_cast<float*>(x), {T, p.k}, at::kFloat);
         const at::Tensor r = at::mm(xt, p.dense.t());
         const float* rp = r.data_ptr<float>();

@@ -1,0 +1,90 @@
+"""int4 with error compensation (GPTQ, Frantar et al. 2022), calibrated on text.
+
+Rounding-to-nearest quantizes each weight alone. GPTQ quantizes a layer's input columns
+one at a time and spreads each column's rounding error over the columns not yet
+quantized, weighted by H = sum of x x^T over the layer's inputs on calibration text, so
+that the layer's *outputs* on such inputs move least. Here the Hessians of every linear
+layer are gathered in one pass of the float model (not layer by layer), and each group of
+``group_size`` columns gets its asymmetric grid from ``quant._fit_asymmetric`` on the
+weights as they are when the group is reached. The result is an ordinary Int4Weight.
+"""
+from __future__ import annotations
+
+import torch
+
+from miaotui.layers.linear import Linear
+from miaotui.layers.quant import Int4Weight, _fit_asymmetric, _pack_int4
+
+
+@torch.inference_mode()
+def collect_hessians(engine, ids: list[int], window: int = 512) -> dict[Linear, torch.Tensor]:
+    """H = sum x x^T of each linear layer's inputs (all but the LM head) over the prompts
+    ids[i:i + window], run as prefill through the engine."""
+    from miaotui.bench.perplexity import perplexity
+    model = engine.model
+    hs: dict[Linear, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and not name.endswith("lm_head") and mod.weight is not None:
+            hs[mod] = torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64)
+
+            def hook(m, args):
+                x = args[0].reshape(-1, m.in_features).double()
+                hs[m].addmm_(x.t(), x)
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        perplexity(engine, ids, window, window)
+    finally:
+        for h in hooks:
+            h.remove()
+    return hs
+
+
+def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, damp: float = 0.01,
+              block: int = 128) -> Int4Weight:
+    """w [out, in] float, h [in, in] -> Int4Weight (float16 scale and min per group)."""
+    w = w.detach().double().clone()
+    n, k = w.shape
+    if k % group_size or block % group_size:
+        raise ValueError(f"in_features {k} must be a multiple of group_size {group_size}")
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    scales = torch.zeros(n, k // group_size, dtype=torch.float16)
+    mins = torch.zeros_like(scales)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        errs = torch.zeros(n, b1 - b0, dtype=w.dtype)
+        for j in range(b0, b1):
+            if j % group_size == 0:
+                s, m = _fit_asymmetric(w[:, j:j + group_size].float().unsqueeze(1))
+                scales[:, j // group_size] = s.squeeze(1).to(torch.float16)
+                mins[:, j // group_size] = m.squeeze(1).to(torch.float16)
+                sd, md = scales[:, j // group_size].double(), mins[:, j // group_size].double()
+            col = w[:, j]
+            qj = torch.where(sd > 0, (col - md) / sd, 0.0).round().clamp(0, 15)
+            q[:, j] = qj.to(torch.uint8)
+            err = (col - (qj * sd + md)) / hinv[j, j]
+            w[:, j + 1:b1] -= err[:, None] * hinv[j, j + 1:b1][None, :]
+            errs[:, j - b0] = err
+        w[:, b1:] -= errs @ hinv[b0:b1, b1:]
+    return Int4Weight(_pack_int4(q), scales, mins, group_size, k)
+
+
+def quantize_gptq(engine, ids: list[int], group_size: int = 32, window: int = 512,
+                  progress: bool = True) -> int:
+    """Quantize every float linear layer of the engine's model in place; returns how many."""
+    from tqdm import tqdm
+    hs = collect_hessians(engine, ids, window)
+    for lin, h in tqdm(hs.items(), desc="GPTQ int4", disable=not progress, leave=False):
+        lin.qweight = gptq_int4(lin.weight.data, h, group_size)
+        lin.weight = None
+    runner = engine.runner
+    if runner.decoder is not None:  # it points at the float weights: rebuild it on the new ones
+        from miaotui.engine.cpu_decoder import CPUDecoder
+        runner.decoder = CPUDecoder.build(engine.model, runner.caches, runner.block_size)
+    return len(hs)
