@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--out", default="results/quality.json")
     args = ap.parse_args()
     from miaotui import LLM
@@ -55,6 +56,8 @@ def main() -> None:
     text = open(args.text, encoding="utf-8").read()
     rows = []
     for name, path in model_paths().items():
+        if name not in args.models.split(","):
+            continue
         base = None
         for mode in args.modes.split(","):
             t0 = time.perf_counter()

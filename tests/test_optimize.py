@@ -47,3 +47,15 @@ def test_gptq_int4_beats_rounding_on_calibrated_outputs():
     assert isinstance(g, quant.Int4Weight) and g.nbytes() == quant.quantize_int4(w, 32, symmetric=False).nbytes()
     gq = xt @ g.dequantize().t()
     assert (gq - ref).pow(2).mean() < 0.8 * (rtn - ref).pow(2).mean()
+
+
+def test_quantize_gptq_cli(tmp_path, capsys):
+    src, out = str(tmp_path / "src"), str(tmp_path / "q")
+    make_tiny_model("qwen2", src)
+    assert main(["quantize", src, out, "--method", "gptq"]) == 2          # no calibration text
+    assert "--calib" in capsys.readouterr().err
+    calib = os.path.join(os.path.dirname(__file__), "data", "shakespeare_40k.txt")
+    assert main(["quantize", src, out, "--method", "gptq", "--calib", calib]) == 0
+    llm = LLM(out, kv_cache_memory=8 << 20)
+    assert type(llm.engine.model.layers[0].mlp.down_proj.qweight).__name__ == "Int4Weight"
+    assert len(llm.generate(PROMPT, P)[0].outputs[0].token_ids) == 16

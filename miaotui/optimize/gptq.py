@@ -4,9 +4,9 @@ Rounding-to-nearest quantizes each weight alone. GPTQ quantizes a layer's input 
 one at a time and spreads each column's rounding error over the columns not yet
 quantized, weighted by H = sum of x x^T over the layer's inputs on calibration text, so
 that the layer's *outputs* on such inputs move least. Here the Hessians of every linear
-layer are gathered in one pass of the float model (not layer by layer), and each group of
-``group_size`` columns gets its asymmetric grid from ``quant._fit_asymmetric`` on the
-weights as they are when the group is reached. The result is an ordinary Int4Weight.
+layer are gathered in one pass of the float model (not layer by layer); columns go in
+decreasing order of H's diagonal with each group's asymmetric grid fitted up front
+(``quant._fit_asymmetric``). The result is an ordinary Int4Weight.
 """
 from __future__ import annotations
 
@@ -41,33 +41,48 @@ def collect_hessians(engine, ids: list[int], window: int = 512) -> dict[Linear, 
 
 
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, damp: float = 0.01,
-              block: int = 128) -> Int4Weight:
-    """w [out, in] float, h [in, in] -> Int4Weight (float16 scale and min per group)."""
+              block: int = 128, act_order: bool = True) -> Int4Weight:
+    """w [out, in] float, h [in, in] -> Int4Weight (float16 scale and min per group).
+
+    act_order: columns go in order of decreasing H diagonal (the inputs with the most
+    energy first, while the most columns are left to absorb their error); each group's
+    grid is then fitted up front on the float weights ("static groups"), so groups stay
+    contiguous in the stored layout."""
     w = w.detach().double().clone()
     n, k = w.shape
-    if k % group_size or block % group_size:
+    if k % group_size:
         raise ValueError(f"in_features {k} must be a multiple of group_size {group_size}")
     h = h.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, k // group_size, dtype=torch.float16)
     mins = torch.zeros_like(scales)
+    if act_order:
+        s, m = _fit_asymmetric(w.float().view(n, k // group_size, group_size))
+        scales.copy_(s.to(torch.float16))
+        mins.copy_(m.to(torch.float16))
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    group = perm // group_size                      # the stored group of each processed column
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(n, k, dtype=torch.uint8)
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
         errs = torch.zeros(n, b1 - b0, dtype=w.dtype)
         for j in range(b0, b1):
-            if j % group_size == 0:
+            gi = int(group[j])
+            if not act_order and j % group_size == 0:   # dynamic groups: fit on the weights as they are now
                 s, m = _fit_asymmetric(w[:, j:j + group_size].float().unsqueeze(1))
-                scales[:, j // group_size] = s.squeeze(1).to(torch.float16)
-                mins[:, j // group_size] = m.squeeze(1).to(torch.float16)
-                sd, md = scales[:, j // group_size].double(), mins[:, j // group_size].double()
+                scales[:, gi] = s.squeeze(1).to(torch.float16)
+                mins[:, gi] = m.squeeze(1).to(torch.float16)
+            sd, md = scales[:, gi].double(), mins[:, gi].double()
             col = w[:, j]
             qj = torch.where(sd > 0, (col - md) / sd, 0.0).round().clamp(0, 15)
-            q[:, j] = qj.to(torch.uint8)
+            q[:, perm[j]] = qj.to(torch.uint8)
             err = (col - (qj * sd + md)) / hinv[j, j]
             w[:, j + 1:b1] -= err[:, None] * hinv[j, j + 1:b1][None, :]
             errs[:, j - b0] = err

@@ -60,13 +60,16 @@ def load_quantized_state(model: torch.nn.Module, tensors) -> None:
 
 
 def quantize_model_dir(src: str, out: str, method: str, group_size: int = 32,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, calib: str | None = None) -> dict:
     from miaotui.loader import build_model, open_checkpoint
     ckpt = open_checkpoint(src)
     if not hasattr(ckpt, "hf_config"):
         raise MiaotuiError("quantize takes a Hugging Face model directory; GGUF files are "
                            "already quantized and run as they are")
-    model = build_model(ckpt, quantization=method, group_size=group_size, progress=progress)
+    if method == "gptq":
+        model = _gptq_model(src, group_size, calib, progress)
+    else:
+        model = build_model(ckpt, quantization=method, group_size=group_size, progress=progress)
     os.makedirs(out, exist_ok=True)
     state = quantized_state(model)
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
@@ -80,3 +83,19 @@ def quantize_model_dir(src: str, out: str, method: str, group_size: int = 32,
             shutil.copy(os.path.join(src, name), os.path.join(out, name))
     size = sum(t.numel() * t.element_size() for t in state.values())
     return {"out": out, "method": method, "bytes": size}
+
+
+def _gptq_model(src: str, group_size: int, calib: str | None, progress: bool):
+    from miaotui.engine.llm_engine import EngineConfig, LLMEngine
+    from miaotui.optimize.gptq import quantize_gptq
+    if not calib or not os.path.isfile(calib):
+        raise MiaotuiError("--method gptq needs --calib FILE, a text file to calibrate on")
+    with open(calib, encoding="utf-8") as f:
+        text = f.read()
+    engine = LLMEngine(EngineConfig(model=src, quantization="none", enable_prefix_caching=False,
+                                    kv_cache_memory=256 << 20))
+    ids = engine.tokenizer.encode(text)[:4096]
+    if len(ids) < 64:
+        raise MiaotuiError(f"{calib}: {len(ids)} tokens; GPTQ needs at least 64 to calibrate on")
+    quantize_gptq(engine, ids, group_size=group_size, progress=progress)
+    return engine.model
