@@ -6,9 +6,9 @@ import os
 # the ~600 small ops per step waited for a descheduled spinning thread. Must be set
 # before torch starts its thread pool, so import miaotui before torch to get it.
 # (bench/llama_cpp.py undoes it for llama.cpp, whose own OpenMP threads it slows 10x.)
-if "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MIAOTUI_NO_OMP_POLICY"):
+SET_OMP_WAIT_POLICY = "OMP_WAIT_POLICY" not in os.environ and not os.environ.get("MIAOTUI_NO_OMP_POLICY")
+if SET_OMP_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["MIAOTUI_SET_OMP_WAIT_POLICY"] = "1"
 from miaotui.config import MiaotuiError
 from miaotui.sampling_params import SamplingParams
 

@@ -24,9 +24,10 @@ def load(path: str, **kwargs):
 
 def in_child(fn, *args):
     """fn(*args) in a fresh process whose OpenMP runtimes start without miaotui's policy."""
+    import miaotui
     from miaotui.bench.throughput import in_child as spawn
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "MIAOTUI_NO_OMP_POLICY")}
-    if os.environ.get("MIAOTUI_SET_OMP_WAIT_POLICY") == "1":
+    if miaotui.SET_OMP_WAIT_POLICY:
         os.environ.pop("OMP_WAIT_POLICY", None)
     os.environ["MIAOTUI_NO_OMP_POLICY"] = "1"
     try:

@@ -39,7 +39,7 @@ class CPUDecoder:
             return None
         attn0 = model.layers[0].self_attn
         impl = k.DecodeModel(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             cfg.intermediate_size, cfg.norm_eps, attn0.attn.scale, block_size, 0)
+                             cfg.intermediate_size, cfg.norm_eps, attn0.attn.scale, block_size)
         try:
             for i, (layer, cache) in enumerate(zip(model.layers, caches)):
                 a = layer.self_attn

@@ -24,10 +24,9 @@ class ModelRunner:
             attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
-        self.threads = torch.get_num_threads()
         from miaotui import kernels
         if kernels.load() is not None:
-            kernels.load().set_threads(self.threads)
+            kernels.load().set_threads(torch.get_num_threads())
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
         from miaotui.engine.cpu_decoder import CPUDecoder
         self.decoder = CPUDecoder.build(model, self.caches, block_size) if device == "cpu" else None
@@ -44,6 +43,16 @@ class ModelRunner:
         pos = torch.arange(start, end)
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _decode_tables(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[int]]:
+        """For one new token per sequence: context lengths, block tables padded to the longest
+        (with block 0) and the slot each token's K/V goes to."""
+        bs = self.block_size
+        lens = [s.num_computed_tokens + 1 for s in seqs]
+        nblk = -(-max(lens) // bs)
+        tables = [s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table))) for s in seqs]
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+        return lens, tables, slots
 
     def _prefill_masks(self, chunk: PrefillChunk, L: int, C: int) -> None:
         q_pos = torch.arange(chunk.first_pos, chunk.first_pos + L).unsqueeze(1)
@@ -71,12 +80,9 @@ class ModelRunner:
             row += n
         meta = AttentionMetadata(slot_mapping=None, prefills=chunks, num_prefill_tokens=row)
         if decodes:
-            lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes])
+            lens, tables, dslot = self._decode_tables([s for s, _ in decodes])
+            lens, tables = torch.tensor(lens), torch.tensor(tables)
             max_len = int(lens.max())
-            nblk = -(-max_len // self.block_size)
-            tables = torch.zeros(len(decodes), nblk, dtype=torch.long)
-            for i, (s, _) in enumerate(decodes):
-                tables[i, :len(s.block_table[:nblk])] = torch.tensor(s.block_table[:nblk])
             k_pos = torch.arange(max_len)
             dslots = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
             cur = (lens - 1).unsqueeze(1)
@@ -90,7 +96,7 @@ class ModelRunner:
             for s, _ in decodes:  # a one-token prefill chunk too: not always the last token
                 ids.append(s.token_ids[s.num_computed_tokens])
             pos.append(lens - 1)
-            slots.append(dslots[torch.arange(len(decodes)), lens - 1])
+            slots.append(torch.tensor(dslot))
         meta.slot_mapping = torch.cat(slots)
         input_ids = torch.tensor(ids, dtype=torch.long)
         positions = torch.cat(pos)
@@ -111,11 +117,7 @@ class ModelRunner:
     def _decode_fused(self, seqs: list[Sequence]) -> dict[int, int]:
         """One token per sequence through the C++ decoder, the metadata as plain lists. A
         one-token prefill chunk is such a token too; it samples only at the prompt's end."""
-        bs = self.block_size
-        lens = [s.num_computed_tokens + 1 for s in seqs]
-        nblk = -(-max(lens) // bs)
-        tables = [s.block_table[:nblk] + [0] * (nblk - len(s.block_table[:nblk])) for s in seqs]
-        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+        lens, tables, slots = self._decode_tables(seqs)
         logits = self.decoder(torch.tensor([s.token_ids[n - 1] for s, n in zip(seqs, lens)]),
                               torch.tensor(lens) - 1, torch.tensor(slots), torch.tensor(tables),
                               torch.tensor(lens))

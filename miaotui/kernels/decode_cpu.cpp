@@ -42,13 +42,6 @@ struct Clock {
   std::chrono::steady_clock::time_point t;
 };
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // n is a multiple of 8 everywhere below (head_dim and hidden sizes are checked).
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -57,36 +50,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int k = 0; k < 4; ++k)
       acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
   for (; i < n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
-  return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-// out[r] = x . w[r] for four rows r of w (k apart): four weight streams at once keep more
-// memory requests in flight than one row at a time.
-inline void dot4(const float* x, const float* w, int64_t k, float* out) {
-  __m256 acc[4][2];
-  for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-    for (int r = 0; r < 4; ++r) {
-      acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * k + i), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + r * k + i + 8), acc[r][1]);
-    }
-  }
-  for (; i < k; i += 8) {
-    const __m256 x0 = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < 4; ++r) acc[r][0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + r * k + i), acc[r][0]);
-  }
-  for (int r = 0; r < 4; ++r) out[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
-}
-
-inline float dot_i8(const float* a, const int8_t* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 bv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + i))));
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), bv, acc);
-  }
-  return hsum8(acc);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 // An int8 cache row as float32: q * scale (as KVCache.read).
@@ -98,8 +62,8 @@ inline void widen(const int8_t* q, float scale, float* out, int64_t n) {
   }
 }
 
-// x[i] = exp(x[i] - m) for i < n; returns their sum. exp by range reduction to
-// [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients), ~1 ulp.
+// exp of eight floats: range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial
+// (Cephes' expf coefficients), ~1 ulp.
 inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -117,6 +81,7 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// x[i] = exp(x[i] - m) for i < n; returns their sum.
 inline float exp_sub(float* x, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
@@ -126,7 +91,7 @@ inline float exp_sub(float* x, int64_t n, float m) {
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  float sum = hsum8(acc);
+  float sum = hsum(acc);
   for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
   return sum;
 }
@@ -138,15 +103,16 @@ void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
     const __m256 v = _mm256_loadu_ps(x + i);
     acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
   }
-  const float r = 1.0f / std::sqrt(hsum8(acc) / static_cast<float>(n) + eps);
+  const float r = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 
 // A row range of a linear layer's output, stored one way.
 struct Part {
   int64_t out0, n, k;
-  std::optional<Weights> quant;  // else float32 [n, k]
+  std::optional<Weights> quant;  // else float32 [n, k] in dense
   at::Tensor dense;
+  std::vector<at::Tensor> keep;  // the tensors `quant` points into
 };
 
 struct Linear {
@@ -167,14 +133,7 @@ struct Linear {
       } else {
         const float* w = p.dense.data_ptr<float>();
         parallel_rows(p.n, 8, [&](int64_t n0, int64_t n1) {
-          int64_t n = n0;
-          for (; n + 4 <= n1; n += 4)
-            for (int64_t t = 0; t < T; ++t) {
-              float r[4];
-              dot4(x + t * p.k, w + n * p.k, p.k, r);
-              for (int i = 0; i < 4; ++i) y[t * N + p.out0 + n + i] = r[i];
-            }
-          for (; n < n1; ++n)
+          for (int64_t n = n0; n < n1; ++n)
             for (int64_t t = 0; t < T; ++t) y[t * N + p.out0 + n] = dot(x + t * p.k, w + n * p.k, p.k);
         });
       }
@@ -197,10 +156,9 @@ struct Layer {
 class DecodeModel {
  public:
   DecodeModel(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
-              int64_t intermediate, double eps, double scale, int64_t block_size, int64_t window)
+              int64_t intermediate, double eps, double scale, int64_t block_size)
       : H_(hidden), nh_(heads), nkv_(kv_heads), hd_(head_dim), I_(intermediate),
-        eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)), bs_(block_size),
-        window_(window) {
+        eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)), bs_(block_size) {
     TORCH_CHECK(H_ % 8 == 0 && hd_ % 8 == 0 && nh_ % nkv_ == 0, "unsupported shape");
   }
 
@@ -232,8 +190,7 @@ class DecodeModel {
     Part p;
     p.quant = describe(q, scale, min, block, bits, offset);
     p.out0 = out0, p.n = p.quant->N, p.k = p.quant->K;
-    p.dense = at::Tensor();
-    keep_.insert(keep_.end(), {q, scale, min});
+    p.keep = {q, scale, min};
     add_part(layer, which, std::move(p));
   }
 
@@ -273,11 +230,11 @@ class DecodeModel {
     const int64_t *slot = slots.data_ptr<int64_t>(), *table = tables.data_ptr<int64_t>(),
                   *len = lens.data_ptr<int64_t>();
     const int64_t nblk = tables.size(1);
-    std::vector<std::vector<int64_t>> ctx(B);  // each sequence's slots (within the window)
+    std::vector<std::vector<int64_t>> ctx(B);  // each sequence's slots
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(len[b] >= 1 && len[b] <= nblk * bs_, "context length outside the block table");
       const int64_t* tb = table + b * nblk;
-      for (int64_t pos = window_ > 0 ? std::max<int64_t>(0, len[b] - window_) : 0; pos < len[b]; ++pos) {
+      for (int64_t pos = 0; pos < len[b]; ++pos) {
         const int64_t s = tb[pos / bs_] * bs_ + pos % bs_;
         TORCH_CHECK(s >= 0 && s < num_slots_, "slot out of range");
         ctx[b].push_back(s);
@@ -343,8 +300,6 @@ class DecodeModel {
     if (reset) std::fill(std::begin(profile_), std::end(profile_), 0);
     return d;
   }
-
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
   static const float* f32(const at::Tensor& t, int64_t n) {
@@ -432,8 +387,7 @@ class DecodeModel {
         }
         float m = -INFINITY;
         for (int64_t i = 0; i < L; ++i) m = std::max(m, p[i]);
-                const float sum = exp_sub(p.data(), L, m);
-        const float inv = 1.0f / sum;
+        const float inv = 1.0f / exp_sub(p.data(), L, m);
         float* o = out + b * nh_ * hd_ + h * hd_;
         std::fill(o, o + hd_, 0.0f);
         for (int64_t i = 0; i < L; ++i) {
@@ -453,12 +407,11 @@ class DecodeModel {
 
   int64_t H_, nh_, nkv_, hd_, I_;
   float eps_, scale_;
-  int64_t bs_, window_;
+  int64_t bs_;
   int64_t num_slots_ = 0;
   std::vector<Layer> layers_;
   Linear head_;
   const float* final_norm_ = nullptr;
-  std::vector<at::Tensor> keep_;  // quantized weights stay alive as long as this model
   bool complete_ = false;
   int64_t profile_[kCalls + 1] = {};
 };
@@ -468,13 +421,12 @@ class DecodeModel {
 void register_decode(pybind11::module& m) {
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   pybind11::class_<DecodeModel>(m, "DecodeModel")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t, int64_t>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("add_layer", &DecodeModel::add_layer)
       .def("add_quant", &DecodeModel::add_quant)
       .def("add_dense", &DecodeModel::add_dense)
       .def("set_bias", &DecodeModel::set_bias)
       .def("set_head", &DecodeModel::set_head)
-      .def("num_layers", &DecodeModel::num_layers)
       .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)
       .def("forward", &DecodeModel::forward, no_gil());
 }

@@ -2,12 +2,21 @@
 // int8-activation matmul (quant_cpu.cpp), used by the fused decode step (decode_cpu.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <immintrin.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 #include <functional>
 
 namespace miaotui {
+
+// The sum of a vector's eight floats.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 
 // A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
 struct Weights {

@@ -19,8 +19,8 @@ from miaotui.layers.quant import Int4Weight, _fit_asymmetric, _pack_int4
 @torch.inference_mode()
 def collect_hessians(engine, ids: list[int], window: int = 512) -> dict[Linear, torch.Tensor]:
     """H = sum x x^T of each linear layer's inputs (all but the LM head) over the prompts
-    ids[i:i + window], run as prefill through the engine."""
-    from miaotui.bench.perplexity import perplexity
+    ids[i:i + window], each run as a prefill that samples one token and stops."""
+    from miaotui.sampling_params import SamplingParams
     model = engine.model
     hs: dict[Linear, torch.Tensor] = {}
     hooks = []
@@ -33,7 +33,11 @@ def collect_hessians(engine, ids: list[int], window: int = 512) -> dict[Linear, 
                 hs[m].addmm_(x.t(), x)
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        perplexity(engine, ids, window, window)
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        for i, b in enumerate(range(0, len(ids) - 1, window)):  # 2+ tokens: a prefill step
+            engine.add_request(f"calib-{i}", ids[b:b + window], params)
+        while engine.has_unfinished():
+            engine.step()
     finally:
         for h in hooks:
             h.remove()
@@ -41,13 +45,14 @@ def collect_hessians(engine, ids: list[int], window: int = 512) -> dict[Linear, 
 
 
 def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, damp: float = 0.01,
-              block: int = 128, act_order: bool = True) -> Int4Weight:
+              block: int = 128) -> Int4Weight:
     """w [out, in] float, h [in, in] -> Int4Weight (float16 scale and min per group).
 
-    act_order: columns go in order of decreasing H diagonal (the inputs with the most
-    energy first, while the most columns are left to absorb their error); each group's
-    grid is then fitted up front on the float weights ("static groups"), so groups stay
-    contiguous in the stored layout."""
+    Columns go in order of decreasing H diagonal (the inputs with the most energy first,
+    while the most columns are left to absorb their error); each group's grid is fitted up
+    front on the float weights ("static groups"), so groups stay contiguous in the stored
+    layout. On Gemma-3-270M this order gave +4.2% perplexity, column order with grids
+    fitted as each group is reached +7.5%."""
     w = w.detach().double().clone()
     n, k = w.shape
     if k % group_size:
@@ -57,15 +62,9 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, damp: floa
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    scales = torch.zeros(n, k // group_size, dtype=torch.float16)
-    mins = torch.zeros_like(scales)
-    if act_order:
-        s, m = _fit_asymmetric(w.float().view(n, k // group_size, group_size))
-        scales.copy_(s.to(torch.float16))
-        mins.copy_(m.to(torch.float16))
-        perm = torch.argsort(torch.diag(h), descending=True)
-    else:
-        perm = torch.arange(k)
+    s, m = _fit_asymmetric(w.float().view(n, k // group_size, group_size))
+    scales, mins = s.to(torch.float16), m.to(torch.float16)
+    perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     group = perm // group_size                      # the stored group of each processed column
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -75,10 +74,6 @@ def gptq_int4(w: torch.Tensor, h: torch.Tensor, group_size: int = 32, damp: floa
         errs = torch.zeros(n, b1 - b0, dtype=w.dtype)
         for j in range(b0, b1):
             gi = int(group[j])
-            if not act_order and j % group_size == 0:   # dynamic groups: fit on the weights as they are now
-                s, m = _fit_asymmetric(w[:, j:j + group_size].float().unsqueeze(1))
-                scales[:, gi] = s.squeeze(1).to(torch.float16)
-                mins[:, gi] = m.squeeze(1).to(torch.float16)
             sd, md = scales[:, gi].double(), mins[:, gi].double()
             col = w[:, j]
             qj = torch.where(sd > 0, (col - md) / sd, 0.0).round().clamp(0, 15)
