@@ -37,7 +37,10 @@ def run_latency(engine, prompt_len: int = 128, output_len: int = 128, repeats: i
     vocab = engine.model_config.vocab_size
     low = min(300, vocab // 2)
     samples = {"ttft": [], "tpot": [], "e2e": []}
+    decoder = engine.runner.decoder
     for i in range(warmup + repeats):
+        if i == warmup and decoder is not None:
+            decoder.impl.profile(reset=True)
         ids = [rng.randrange(low, vocab) for _ in range(prompt_len)]
         r = time_request(engine, ids, output_len, f"latency-{i}")
         if i >= warmup:
@@ -52,6 +55,10 @@ def run_latency(engine, prompt_len: int = 128, output_len: int = 128, repeats: i
         "spread": {k: spread(v) for k, v in samples.items()},
         "samples": samples,
     }
+    if decoder is not None:  # where a fused decode step's time goes, ms per step
+        prof = decoder.impl.profile()
+        steps = prof.pop("calls")
+        results["decode_profile_ms"] = {k: 1e3 * v / steps for k, v in prof.items()} if steps else {}
     roof = {}
     if machine is not None:
         cost = roofline.engine_cost_model(engine)
@@ -81,3 +88,7 @@ def print_latency(res: dict, prompt_len: int, output_len: int) -> None:
         print(roofline.describe(roof["decode"], r["decode_tok_s"]))
     else:
         print(f"prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.1f} tok/s")
+    if r.get("decode_profile_ms"):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["decode_profile_ms"].items())
+        print(f"fused decode step (ms): {parts}; total {sum(r['decode_profile_ms'].values()):.2f} "
+              f"of {r['tpot_s']['median'] * 1e3:.2f} per token")
