@@ -308,7 +308,14 @@ def test_queue_full_gives_503(tiny_llama_dir):
 
     async def main(base):
         async with httpx.AsyncClient(base_url=base, timeout=60) as h:
-            return await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(6)))
+            # One request takes the only slot first; then five arrive at once: one may wait,
+            # the rest must be turned away. (Sending all six at once is a race: they can all
+            # be queued before the first is scheduled, leaving room for one only.)
+            first = asyncio.create_task(h.post("/v1/completions", json=body))
+            while not engine.scheduler.running:
+                await asyncio.sleep(0.01)
+            rest = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(5)))
+            return [await first, *rest]
 
     with serve(engine, "tiny", max_waiting=1) as base:
         replies = asyncio.run(main(base))
