@@ -59,3 +59,17 @@ def test_models_outside_the_family_keep_the_pytorch_path(tmp_path):
     from util import make_tiny_model
     make_tiny_model("gemma3", str(tmp_path))
     assert LLM(str(tmp_path), kv_cache_memory=4 << 20).engine.runner.decoder is None
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_fused_attention_splits_long_contexts(tiny_llama_dir, monkeypatch, kv):
+    """One sequence of ~200 tokens: its keys are split into runs across threads
+    (flash-decoding) and the partial softmaxes merged; the result must match PyTorch's."""
+    path = tiny_llama_dir[0]
+    prompt = [[random.Random(7).randrange(3, 256) for _ in range(180)]]
+
+    def go(fused):
+        monkeypatch.setenv("MIAOTUI_FUSED_DECODE", "1" if fused else "0")
+        llm = LLM(path, kv_cache_memory=8 << 20, block_size=16, max_num_seqs=1, kv_cache_dtype=kv)
+        return [o.outputs[0] for o in llm.generate(prompt, PARAMS)]
+    assert_same(go(True), go(False), 1e-4 if kv == "auto" else 1e-3)

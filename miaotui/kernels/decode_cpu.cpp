@@ -53,13 +53,35 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
-// An int8 cache row as float32: q * scale (as KVCache.read).
-inline void widen(const int8_t* q, float scale, float* out, int64_t n) {
-  const __m256 s = _mm256_set1_ps(scale);
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+// Eight cache values as float32 (an int8 row's scale is applied by the caller).
+inline __m256 load_row8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_row8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// [sum a[0], ..., sum a[7]]: the eight horizontal sums as one vector.
+inline __m256 hsum8(const __m256 (&a)[8]) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// q . k[r] for eight rows: eight independent FMA chains, one reduction for all of them.
+template <typename T>
+inline __m256 dot8(const float* q, const T* const (&k)[8], int64_t n) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < n; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load_row8(k[r] + e), acc[r]);
   }
+  return hsum8(acc);
+}
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(T)); i += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
 }
 
 // exp of eight floats: range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial
@@ -354,55 +376,124 @@ class DecodeModel {
       }
   }
 
-  // One job per (sequence, query head): scores against the keys of its slots, softmax,
-  // the weighted sum of values. ctx[b] lists sequence b's slots, oldest first.
+  // Attention of every query head, split into jobs of (sequence, KV head, run of keys) so
+  // that two threads share even one short sequence (flash-decoding). A job reads each key
+  // and value row once for the g query heads that share it, scores eight keys at a time,
+  // and leaves an unnormalized partial result (its max score m, sum of exp l, and output
+  // o = sum exp(s - m) v); the partials of a head are then merged:
+  //   o = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c,  M = max_c m_c.
   void attention(const Layer& l, int64_t B, const float* qkv, const std::vector<std::vector<int64_t>>& ctx,
                  float* out) const {
-    const int64_t g = nh_ / nkv_, QKV = (nh_ + 2 * nkv_) * hd_;
+    const int64_t g = nh_ / nkv_, QKV = (nh_ + 2 * nkv_) * hd_, part = g * (hd_ + 2);
+    int64_t longest = 1;
+    for (const auto& c : ctx) longest = std::max<int64_t>(longest, c.size());
+    // runs of at least 64 keys, enough of them for ~4 jobs per thread
+    const int64_t per_head = std::max<int64_t>(1, (4 * kernel_threads() + B * nkv_ - 1) / (B * nkv_));
+    const int64_t run = std::max<int64_t>(64, (longest + per_head - 1) / per_head);
+    struct Job { int64_t b, kh, i0, i1; };
+    std::vector<Job> jobs;
+    std::vector<int64_t> first(B * nkv_ + 1);  // jobs of (b, kh): first[b * nkv + kh] ..
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t kh = 0; kh < nkv_; ++kh) {
+        first[b * nkv_ + kh] = static_cast<int64_t>(jobs.size());
+        const int64_t L = static_cast<int64_t>(ctx[b].size());
+        for (int64_t i0 = 0; i0 < L; i0 += run) jobs.push_back({b, kh, i0, std::min(L, i0 + run)});
+      }
+    first[B * nkv_] = static_cast<int64_t>(jobs.size());
+    std::vector<float> partials(jobs.size() * part);
     const bool int8 = l.k.scalar_type() == at::kChar;
-    const float* kf32 = int8 ? nullptr : l.k.data_ptr<float>();
-    const float* vf32 = int8 ? nullptr : l.v.data_ptr<float>();
-    const int8_t* ki8 = int8 ? l.k.data_ptr<int8_t>() : nullptr;
-    const int8_t* vi8 = int8 ? l.v.data_ptr<int8_t>() : nullptr;
-    const float* ksc = int8 ? l.k_scale.data_ptr<float>() : nullptr;
-    const float* vsc = int8 ? l.v_scale.data_ptr<float>() : nullptr;
-    parallel_rows(B * nh_, 1, [&](int64_t j0, int64_t j1) {
-      std::vector<float> p, kvf(hd_);
+    parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t b = j / nh_, h = j % nh_, kh = h / g;
-        const std::vector<int64_t>& slots = ctx[b];
-        const int64_t L = static_cast<int64_t>(slots.size());
-        const float* q = qkv + b * QKV + h * hd_;
-        p.resize(L);
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t row = slots[i] * nkv_ + kh;
-          float d;
-          if (int8) {
-            widen(ki8 + row * hd_, ksc[row], kvf.data(), hd_);
-            d = dot(q, kvf.data(), hd_);
-          } else {
-            d = dot(q, kf32 + row * hd_, hd_);
-          }
-          p[i] = d * scale_;
-        }
-        float m = -INFINITY;
-        for (int64_t i = 0; i < L; ++i) m = std::max(m, p[i]);
-        const float inv = 1.0f / exp_sub(p.data(), L, m);
-        float* o = out + b * nh_ * hd_ + h * hd_;
-        std::fill(o, o + hd_, 0.0f);
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t row = slots[i] * nkv_ + kh;
-          const float* v = vf32 + row * hd_;
-          if (int8) {
-            widen(vi8 + row * hd_, vsc[row], kvf.data(), hd_);
-            v = kvf.data();
-          }
-          const __m256 w = _mm256_set1_ps(p[i] * inv);
-          for (int64_t e = 0; e < hd_; e += 8)
-            _mm256_storeu_ps(o + e, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + e), _mm256_loadu_ps(o + e)));
-        }
+        const Job& jb = jobs[j];
+        const float* q = qkv + jb.b * QKV + jb.kh * g * hd_;
+        const int64_t* slots = ctx[jb.b].data() + jb.i0;
+        float* p = partials.data() + j * part;
+        if (int8)
+          attend<int8_t>(l.k.data_ptr<int8_t>(), l.v.data_ptr<int8_t>(), l.k_scale.data_ptr<float>(),
+                         l.v_scale.data_ptr<float>(), jb.kh, q, g, slots, jb.i1 - jb.i0, p);
+        else
+          attend<float>(l.k.data_ptr<float>(), l.v.data_ptr<float>(), nullptr, nullptr, jb.kh, q, g,
+                        slots, jb.i1 - jb.i0, p);
       }
     });
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t kh = 0; kh < nkv_; ++kh)
+        for (int64_t h = 0; h < g; ++h) {
+          const int64_t c0 = first[b * nkv_ + kh], c1 = first[b * nkv_ + kh + 1];
+          float m = -INFINITY, lsum = 0.0f;
+          for (int64_t c = c0; c < c1; ++c) m = std::max(m, partials[c * part + g * hd_ + 2 * h]);
+          float* o = out + b * nh_ * hd_ + (kh * g + h) * hd_;
+          std::fill(o, o + hd_, 0.0f);
+          for (int64_t c = c0; c < c1; ++c) {
+            const float* pc = partials.data() + c * part;
+            const float f = std::exp(pc[g * hd_ + 2 * h] - m);
+            lsum += f * pc[g * hd_ + 2 * h + 1];
+            for (int64_t e = 0; e < hd_; ++e) o[e] += f * pc[h * hd_ + e];
+          }
+          const float inv = 1.0f / lsum;
+          for (int64_t e = 0; e < hd_; ++e) o[e] *= inv;
+        }
+  }
+
+  // One job: the g query heads q [g, hd] of KV head kh against the n cache slots `slots`.
+  // Writes o [g, hd], then (m, l) for each head, to p.
+  template <typename T>
+  void attend(const T* kc, const T* vc, const float* ksc, const float* vsc, int64_t kh, const float* q,
+              int64_t g, const int64_t* slots, int64_t n, float* p) const {
+    const int64_t hd = hd_, np = (n + 7) / 8 * 8;
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> rows;
+    scores.resize(g * np);
+    rows.resize(np);
+    for (int64_t i = 0; i < np; ++i) rows[i] = slots[std::min(i, n - 1)] * nkv_ + kh;  // repeats the last
+    for (int64_t i = 0; i < n; i += 8) {
+      const T* k[8];
+      alignas(32) float f[8];
+      for (int r = 0; r < 8; ++r) {
+        k[r] = kc + rows[i + r] * hd;
+        f[r] = ksc ? ksc[rows[i + r]] * scale_ : scale_;
+        if (i + 8 + r < n) {
+          prefetch_row(kc + rows[i + 8 + r] * hd, hd);
+          prefetch_row(vc + rows[i + 8 + r] * hd, hd);
+        }
+      }
+      const __m256 fv = _mm256_load_ps(f);
+      for (int64_t h = 0; h < g; ++h)
+        _mm256_storeu_ps(scores.data() + h * np + i, _mm256_mul_ps(dot8(q + h * hd, k, hd), fv));
+    }
+    float* ml = p + g * hd;
+    for (int64_t h = 0; h < g; ++h) {
+      float* s = scores.data() + h * np;
+      float m = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+      ml[2 * h] = m;
+      ml[2 * h + 1] = exp_sub(s, n, m);
+      if (vsc)
+        for (int64_t i = 0; i < n; ++i) s[i] *= vsc[rows[i]];
+    }
+    // o = sum_i s_i v_i, 64 dimensions at a time in registers
+    for (int64_t h = 0; h < g; ++h) {
+      const float* s = scores.data() + h * np;
+      for (int64_t e0 = 0; e0 < hd; e0 += 64) {
+        const int64_t ne = std::min<int64_t>(64, hd - e0) / 8;
+        __m256 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+        if (ne == 8) {
+          for (int64_t i = 0; i < n; ++i) {
+            const T* v = vc + rows[i] * hd + e0;
+            const __m256 w = _mm256_set1_ps(s[i]);
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load_row8(v + 8 * k), acc[k]);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const T* v = vc + rows[i] * hd + e0;
+            const __m256 w = _mm256_set1_ps(s[i]);
+            for (int64_t k = 0; k < ne; ++k) acc[k] = _mm256_fmadd_ps(w, load_row8(v + 8 * k), acc[k]);
+          }
+        }
+        for (int64_t k = 0; k < ne; ++k) _mm256_storeu_ps(p + h * hd + e0 + 8 * k, acc[k]);
+      }
+    }
   }
 
   int64_t H_, nh_, nkv_, hd_, I_;

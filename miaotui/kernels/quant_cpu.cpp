@@ -37,6 +37,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace miaotui {
@@ -70,6 +71,12 @@ inline __m256i dot_u4(__m256i w, __m256i x) {
 inline __m256i dot_s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
                            _mm256_set1_epi16(1));
+}
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
 // Threads for the row loops. at::parallel_for (OpenMP) ends each call at a barrier that
@@ -167,9 +174,11 @@ class Workers {
 std::atomic<int> g_threads{0};
 void set_threads(int64_t n) { g_threads = static_cast<int>(n); }
 
+int kernel_threads() { return g_threads > 0 ? g_threads.load() : at::get_num_threads(); }
+
 // f(begin, end) over [0, n) in chunks of at least `grain`, on the kernels' threads.
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
-  const int threads = g_threads > 0 ? g_threads.load() : at::get_num_threads();
+  const int threads = kernel_threads();
   const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
   const int64_t chunks = (n + chunk - 1) / chunk;
   Workers::instance().run(chunks, threads, [&](int64_t c) {
@@ -180,17 +189,27 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 
 namespace {
 
+// Rows of d and s are padded with zeros to a multiple of eight blocks (ld, lds apart), so
+// that a short last group loads them whole.
 struct Acts {
   const int8_t* q;  // [T, K]
-  const float* d;   // [T, K/32] scale of each block
-  const float* s;   // [T, nwb]  sum over a scale block of dx * sum(xq), times -offset when
-                    //           the weight has no min; nullptr if unused
+  const float* d;   // [T, ld] scale of each block of 32
+  const float* s;   // [T, lds] sum over a scale block of dx * sum(xq), times -offset when
+                    //          the weight has no min; nullptr if unused
+  int64_t ld, lds;
 };
 
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
+
 // Quantize x [T, K] per block of 32: xq = round(x / dx), dx = max|x| / 127.
-// bsum gets dx * sum(xq) of each block.
-void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* bsum) {
-  const int64_t nb = K / 32;
+// bsum gets dx * sum(xq) of each block; dx and bsum rows are ld apart.
+// paired (for int4 weights): the two blocks of each pair
+// (b, b + 1) are stored interleaved by halves, [b 0..15, b+1 0..15, b 16..31, b+1 16..31],
+// the order in which one 32-byte load of int4 weights unpacks (low nibbles, high nibbles).
+// An odd last block keeps the plain order.
+void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* bsum,
+                   int64_t ld, bool paired) {
+  const int64_t nb = K / 32, paired_blocks = nb / 2 * 2;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   parallel_rows(T, 8, [&](int64_t t0, int64_t t1) {
@@ -218,10 +237,17 @@ void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, 
       // int32 -> int8; the packs interleave 128-bit lanes, the permute puts them back
       const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
                                            _mm256_packs_epi32(q[2], q[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i),
-                          _mm256_permutevar8x32_epi32(b, perm));
-      dx[i] = d;
-      bsum[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(b, perm);
+      const int64_t j = i % nb;
+      if (paired && j < paired_blocks) {
+        int8_t* base = xq + 32 * (i - (j & 1)) + 16 * (j & 1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(base), _mm256_castsi256_si128(bytes));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(base + 32), _mm256_extracti128_si256(bytes, 1));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i), bytes);
+      }
+      dx[i / nb * ld + j] = d;
+      bsum[i / nb * ld + j] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
     }
   });
 }
@@ -264,90 +290,196 @@ inline __m256 scales8(const S* s, int64_t b, int shift) {
   return _mm256_set1_ps(to_float(s[i]));
 }
 
-// y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM. Blocks go eight at a time: their
-// integer dot products are reduced to one vector of eight sums, scaled by eight
-// (weight scale * dx) products and accumulated with one FMA. With scale blocks of 32 the
-// min/offset term rides along (one more FMA).
+// Eight values from p as floats, zeros past `count` (a short last group). Masked loads
+// read nothing past p[count - 1]; going through memory instead would stall on
+// store-to-load forwarding once per row.
+inline __m256i lanes_below(int count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+template <typename S>
+__attribute__((always_inline)) inline __m256 load_part(const S* p, int count) {
+  if (count >= 8) return load8(p);
+  if (count <= 0) return _mm256_setzero_ps();
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_maskload_ps(p, lanes_below(count));
+  } else {
+    if (count % 2 == 0)  // pairs of halves as 32-bit lanes
+      return _mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p),
+                                                _mm256_castsi256_si128(lanes_below(count / 2))));
+    alignas(32) float f[8] = {};
+    for (int i = 0; i < count; ++i) f[i] = to_float(p[i]);
+    return _mm256_load_ps(f);
+  }
+}
+
+// The weight scales of blocks b..b+m-1 (block i uses s[i >> shift]), zeros past m.
+template <typename S>
+__attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, int shift, int m) {
+  if (m >= 8) return scales8(s, b, shift);
+  if (shift == 0) return load_part(s + b, m);
+  if ((b >> shift) == ((b + m - 1) >> shift)) return _mm256_set1_ps(to_float(s[b >> shift]));  // lanes past m meet zero x
+  alignas(32) float f[8] = {};
+  for (int i = 0; i < m; ++i) f[i] = to_float(s[(b + i) >> shift]);
+  return _mm256_load_ps(f);
+}
+
+// Blocks b..b+m-1 of one weight row (m <= 8; even for int4) against TM tokens, added to
+// acc. Their integer dot products are reduced to one vector of (up to) eight sums, scaled
+// by eight (weight scale * dx) products and accumulated with one FMA; with scale blocks of
+// 32 the min/offset term rides along (one more FMA). Called with m = 8 for whole groups
+// and once with a smaller m for the rest of a row, whose missing lanes are zeros.
+template <bool kInt4, bool kB16, typename S, int TM>
+__attribute__((always_inline)) inline void group(const Weights& w, const Acts& a, const uint8_t* wq,
+                                                 const S* ws, const S* wm, int64_t b, int m,
+                                                 bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
+  const int64_t K = w.K, nb = K / 32;
+  const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  if constexpr (kInt4) {
+    // One 32-byte load holds blocks b + 2i and b + 2i + 1: its low nibbles are values
+    // 0..15 of both, its high nibbles values 16..31, against x in the paired order.
+    // maddubs sums stay below 2 * 15 * 127 * 2 < 2^15, so the halves add as int16.
+    // The sums come out in block order 0, 2, 4, 6, 1, 3, 5, 7: the scales follow.
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const int pairs = m / 2;
+    __m256i lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i v = i < pairs ? load32(wq + 16 * (b + 2 * i)) : zero;
+      lo[i] = _mm256_and_si256(v, low4);
+      hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+    const __m256 sc = _mm256_permutevar8x32_ps(scales_part(ws, b, w.shift, m), even_odd);
+    const __m256 c8 = !inline_min ? _mm256_setzero_ps()
+                      : wm        ? _mm256_permutevar8x32_ps(load_part(wm + b, m), even_odd)
+                                  : sc;
+    for (int t = 0; t < TM; ++t) {
+      const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i)
+        r[i] = i >= pairs ? zero
+                          : _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], load32(xq + 64 * i)),
+                                                               _mm256_maddubs_epi16(hi[i], load32(xq + 64 * i + 32))),
+                                              ones);
+      const __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
+      const __m256 dx = _mm256_permutevar8x32_ps(load8(a.d + (t0 + t) * a.ld + b), even_odd);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc, dx), acc[t]);
+      if (inline_min)
+        acc[t] = _mm256_fmadd_ps(c8, _mm256_permutevar8x32_ps(load8(a.s + (t0 + t) * a.lds + b), even_odd),
+                                 acc[t]);
+    }
+  } else {
+    __m256i wv[8];
+    for (int i = 0; i < 8; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
+    __m256 sc_lo, sc_hi, c8;  // weight scales lined up with reduce8's lanes; min term factors
+    if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
+      sc_lo = _mm256_permutevar8x32_ps(load_part(ws + 2 * b, 2 * m), even_odd);
+      sc_hi = _mm256_permutevar8x32_ps(load_part(ws + 2 * b + 8, 2 * m - 8), even_odd);
+    } else {
+      sc_lo = scales_part(ws, b, w.shift, m);
+      c8 = !inline_min ? _mm256_setzero_ps() : wm ? load_part(wm + b, m) : sc_lo;
+    }
+    const __m256i twice = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+    for (int t = 0; t < TM; ++t) {
+      const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
+      __m256i p[8];
+      for (int i = 0; i < 8; ++i) p[i] = i < m ? dot_s8(wv[i], load32(xq + 32 * i)) : zero;
+      __m256i lo, hi;
+      reduce8(p, lo, hi);
+      const __m256 dx = load8(a.d + (t0 + t) * a.ld + b);
+      if constexpr (kB16) {
+        const __m256 dlo = _mm256_permutevar8x32_ps(dx, twice);
+        const __m256 dhi = _mm256_permutevar8x32_ps(dx, _mm256_add_epi32(twice, _mm256_set1_epi32(4)));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc_lo, dlo), acc[t]);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc_hi, dhi), acc[t]);
+      } else {  // the two halves of each block share a scale: add them first
+        const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
+                                             _mm256_permute2x128_si256(lo, hi, 0x31));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc_lo, dx), acc[t]);
+        if (inline_min) acc[t] = _mm256_fmadd_ps(c8, load8(a.s + (t0 + t) * a.lds + b), acc[t]);
+      }
+    }
+  }
+}
+
+// The same for a short rest of at most four blocks (K = 576 leaves two): half the
+// reduction of a whole group. Lane j and lane j + 4 of the reduced sums both belong to
+// block j (int8) or to blocks (0, 0, 2, 2, 1, 1, 3, 3) (int4 pairs).
+template <bool kInt4, bool kB16, typename S, int TM>
+__attribute__((always_inline)) inline void group4(const Weights& w, const Acts& a, const uint8_t* wq,
+                                                  const S* ws, const S* wm, int64_t b, int m,
+                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
+  const int64_t K = w.K;
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i idx = kInt4 ? _mm256_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3) : _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
+  __m256 sc = kB16 ? _mm256_permutevar8x32_ps(load_part(ws + 2 * b, 2 * m), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
+                   : _mm256_permutevar8x32_ps(scales_part(ws, b, w.shift, m), idx);
+  const __m256 c4 = !inline_min ? _mm256_setzero_ps() : wm ? load_part(wm + b, m) : scales_part(ws, b, 0, m);
+  if constexpr (kInt4) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256i lo[2], hi[2];
+    for (int i = 0; i < 2; ++i) {
+      const __m256i v = 2 * i < m ? load32(wq + 16 * (b + 2 * i)) : zero;
+      lo[i] = _mm256_and_si256(v, low4);
+      hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+    }
+    for (int t = 0; t < TM; ++t) {
+      const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
+      __m256i r[2];
+      for (int i = 0; i < 2; ++i)
+        r[i] = 2 * i >= m ? zero
+                          : _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], load32(xq + 64 * i)),
+                                                               _mm256_maddubs_epi16(hi[i], load32(xq + 64 * i + 32))),
+                                              ones);
+      const __m256 dx = _mm256_permutevar8x32_ps(load8(a.d + (t0 + t) * a.ld + b), idx);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(r[0], r[1])), _mm256_mul_ps(sc, dx), acc[t]);
+      if (inline_min) acc[t] = _mm256_fmadd_ps(c4, load8(a.s + (t0 + t) * a.lds + b), acc[t]);
+    }
+  } else {
+    __m256i wv[4];
+    for (int i = 0; i < 4; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
+    for (int t = 0; t < TM; ++t) {
+      const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
+      __m256i p[4];
+      for (int i = 0; i < 4; ++i) p[i] = i < m ? dot_s8(wv[i], load32(xq + 32 * i)) : zero;
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+      const __m256 dx = _mm256_permutevar8x32_ps(load8(a.d + (t0 + t) * a.ld + b), idx);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sc, dx), acc[t]);
+      if (inline_min) acc[t] = _mm256_fmadd_ps(c4, load8(a.s + (t0 + t) * a.lds + b), acc[t]);
+    }
+  }
+}
+
+// y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
 template <bool kInt4, bool kB16, typename S, int TM>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m256i twice = _mm256_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3);
   const bool inline_min = a.s && !kB16 && w.shift == 0;  // one scale (and min) per block
+  const int64_t full = nb / 8 * 8, rest = kInt4 ? (nb - full) / 2 * 2 : nb - full;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wq = w.q + n * w.row_bytes;
     const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
     const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
     __m256 acc[TM];
     for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-      __m256i wv[8];  // the 8 blocks' values; int4: two blocks per 32-byte load
-      for (int i = 0; i < 8; i += 2) {
-        if constexpr (kInt4) {
-          const __m256i v = load32(wq + 16 * (b + i));
-          const __m256i lo = _mm256_and_si256(v, low4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-          wv[i] = _mm256_permute2x128_si256(lo, hi, 0x20);
-          wv[i + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
-        } else {
-          wv[i] = load32(wq + 32 * (b + i));
-          wv[i + 1] = load32(wq + 32 * (b + i + 1));
-        }
-      }
-      __m256 sc_lo, sc_hi, c8;  // weight scales lined up with reduce8's lanes; min term factors
-      if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
-        sc_lo = _mm256_permutevar8x32_ps(load8(ws + 2 * b), even_odd);
-        sc_hi = _mm256_permutevar8x32_ps(load8(ws + 2 * b + 8), even_odd);
-      } else {
-        sc_lo = scales8(ws, b, w.shift);
-        if (inline_min) c8 = wm ? load8(wm + b) : sc_lo;
-      }
-      for (int t = 0; t < TM; ++t) {
-        const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
-        __m256i p[8];
-        for (int i = 0; i < 8; ++i) {
-          const __m256i xv = load32(xq + 32 * i);
-          p[i] = kInt4 ? dot_u4(wv[i], xv) : dot_s8(wv[i], xv);
-        }
-        __m256i lo, hi;
-        reduce8(p, lo, hi);
-        const __m256 dx = _mm256_loadu_ps(a.d + (t0 + t) * nb + b);
-        if constexpr (kB16) {
-          const __m256 dlo = _mm256_permutevar8x32_ps(dx, twice);
-          const __m256 dhi = _mm256_permutevar8x32_ps(dx, _mm256_add_epi32(twice, _mm256_set1_epi32(4)));
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(sc_lo, dlo), acc[t]);
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(sc_hi, dhi), acc[t]);
-        } else {  // the two halves of each block share a scale: add them first
-          const __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
-                                               _mm256_permute2x128_si256(lo, hi, 0x31));
-          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc_lo, dx), acc[t]);
-          if (inline_min)
-            acc[t] = _mm256_fmadd_ps(c8, _mm256_loadu_ps(a.s + (t0 + t) * nb + b), acc[t]);
-        }
-      }
-    }
+    for (int64_t b = 0; b < full; b += 8)
+      group<kInt4, kB16, S, TM>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
+    if (rest > 4) group<kInt4, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+    else if (rest) group4<kInt4, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
     float r[TM];
     for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
-    for (; b < nb; ++b) {  // the last nb % 8 blocks, one at a time
-      const __m256i wv = kInt4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
-      const float s0 = to_float(ws[kB16 ? 2 * b : b >> w.shift]);
-      const float s1 = kB16 ? to_float(ws[2 * b + 1]) : s0;
+    if (full + rest < nb) {  // an odd last block of int4 weights
+      const int64_t b = nb - 1;
+      const __m256i wv = unpack_int4(wq + 16 * b);
+      const float s0 = to_float(ws[b >> w.shift]);
       for (int t = 0; t < TM; ++t) {
-        const __m256i xv = load32(a.q + (t0 + t) * K + 32 * b);
-        const __m256i p = kInt4 ? dot_u4(wv, xv) : dot_s8(wv, xv);
-        alignas(32) int32_t l[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(l), p);
-        r[t] += a.d[(t0 + t) * nb + b] *
-                (s0 * static_cast<float>(l[0] + l[1] + l[2] + l[3]) +
-                 s1 * static_cast<float>(l[4] + l[5] + l[6] + l[7]));
-        if (inline_min) r[t] += to_float(wm ? wm[b] : ws[b]) * a.s[(t0 + t) * nb + b];
+        const __m256i p = dot_u4(wv, load32(a.q + (t0 + t) * K + 32 * b));
+        r[t] += a.d[(t0 + t) * a.ld + b] * s0 * static_cast<float>(hsum_i32(p));
+        if (inline_min) r[t] += to_float(wm ? wm[b] : ws[b]) * a.s[(t0 + t) * a.lds + b];
       }
     }
     for (int t = 0; t < TM; ++t) {
-      if (a.s && !inline_min) r[t] += min_term(wm, ws, a.s + (t0 + t) * w.nwb, w.nwb);
+      if (a.s && !inline_min) r[t] += min_term(wm, ws, a.s + (t0 + t) * a.lds, w.nwb);
       y[(t0 + t) * ldy + n] = r[t];
     }
   }
@@ -409,17 +541,17 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 }
 
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy) {
-  const int64_t nb = w.K / 32;
+  const int64_t nb = w.K / 32, ld = round8(nb), lds = round8(w.nwb);
   std::vector<int8_t> xq(T * w.K);
-  std::vector<float> dx(T * nb), bsum(T * nb), s;
-  quantize_acts(x, T, w.K, xq.data(), dx.data(), bsum.data());
-  Acts a{xq.data(), dx.data(), nullptr};
+  std::vector<float> dx(T * ld), bsum(T * ld), s;
+  quantize_acts(x, T, w.K, xq.data(), dx.data(), bsum.data(), ld, w.bits == 4);
+  Acts a{xq.data(), dx.data(), nullptr, ld, lds};
   if (w.min || w.offset != 0.0f) {  // the block sums, per scale block (times -offset, no min)
     const int64_t per = nb / w.nwb;
     const float f = w.min ? 1.0f : -w.offset;
-    s.assign(T * w.nwb, 0.0f);
-    for (int64_t i = 0; i < T * nb; ++i) s[i / per] += bsum[i];
-    for (float& v : s) v *= f;
+    s.assign(T * lds, 0.0f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < nb; ++j) s[t * lds + j / per] += f * bsum[t * ld + j];
     a.s = s.data();
   }
   parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {

@@ -39,6 +39,9 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 // y[t, n] (rows ldy apart) = x[t] . W[n] with x [T, K] quantized to int8 per block of 32.
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
 
+// How many threads the kernels run on.
+int kernel_threads();
+
 // f(begin, end) over [0, n) in chunks of at least `grain`, on the kernels' threads.
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 
