@@ -4,6 +4,9 @@ For each shape (random weights of real shapes), the same GGUF files (F32, Q8_0, 
 run through miaotui and through llama.cpp (llama-cpp-python, 2 threads): batch-1 decode
 tokens/s (128 new tokens after a 128-token prompt, median time per token) and prefill
 tokens/s (a 512-token prompt, time to first token), plus miaotui's roofline fraction.
+The two engines take turns (--repeats rounds, each engine loading the file afresh) and
+each figure is the median over the rounds, so that a slow minute on this shared machine
+hits both sides instead of one; every round's figures are stored too.
 
     python scripts/bench_cpu.py --shapes smollm2-135m,tinyllama-1.1b --out results/cpu_path.json
 """
@@ -51,7 +54,7 @@ def time_stream(stream, n_new: int) -> tuple[float, float]:
     return stamps[0] - t0, statistics.median(gaps) if gaps else 0.0
 
 
-def run_miaotui(path: str, vocab: int, threads: int) -> dict:
+def run_miaotui(path: str, vocab: int, threads: int, machine) -> dict:
     from miaotui.bench import roofline
     from miaotui.llm import LLM
     from miaotui.sampling_params import SamplingParams
@@ -66,7 +69,6 @@ def run_miaotui(path: str, vocab: int, threads: int) -> dict:
     ttft512, _ = time_stream(tokens(prompts(vocab, 512, 1), p), 1)
     _, tpot = time_stream(tokens(prompts(vocab, 128, 2), p), 128)
     cost = roofline.engine_cost_model(llm.engine)
-    machine = roofline.load_machine(threads)
     dec = cost.decode(1, 192)
     return {"prefill_tok_s": 512 / ttft512, "decode_tok_s": 1 / tpot,
             "decode_roofline_fraction": machine.time(dec) / tpot,
@@ -92,23 +94,36 @@ def main() -> None:
     ap.add_argument("--shapes", default="smollm2-135m,tinyllama-1.1b")
     ap.add_argument("--qtypes", default=",".join(QTYPES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of (miaotui, llama.cpp) per file")
     ap.add_argument("--out", default="results/cpu_path.json")
     args = ap.parse_args()
     from miaotui.bench import llama_cpp
     have_llama = llama_cpp.available()
     if not have_llama:
         print("llama-cpp-python not installed: llama.cpp columns skipped", file=sys.stderr)
+    from miaotui.bench import roofline
     from miaotui.bench.shapes import hf_config
+    # the roofline of this run's machine, measured now (a cached calibration may be stale)
+    machine = roofline.load_machine(args.threads, recalibrate=True)
+    print(f"calibrated: {machine.bandwidth / 1e9:.1f} GB/s read", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         vocab = hf_config(shape)["vocab_size"]
         for qt in args.qtypes.split(","):
             path = gguf_file(shape, qt)
-            row = {"shape": shape, "qtype": qt, "miaotui": run_miaotui(path, vocab, args.threads)}
+            rounds = {"miaotui": [], "llama_cpp": []}
+            for _ in range(args.repeats):
+                rounds["miaotui"].append(run_miaotui(path, vocab, args.threads, machine))
+                if have_llama:
+                    rounds["llama_cpp"].append(llama_cpp.in_child(run_llama_cpp, path, vocab, args.threads))
+            row = {"shape": shape, "qtype": qt}
+            for engine, runs in rounds.items():
+                if runs:
+                    row[engine] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             if have_llama:
-                row["llama_cpp"] = llama_cpp.in_child(run_llama_cpp, path, vocab, args.threads)
                 for k in ("prefill_tok_s", "decode_tok_s"):
                     row[f"{k}_ratio"] = row["miaotui"][k] / row["llama_cpp"][k]
+            row["rounds"] = rounds
             rows.append(row)
             m, l = row["miaotui"], row.get("llama_cpp", {})
             print(f"{shape:15s} {qt:5s} decode {m['decode_tok_s']:7.1f} tok/s "
@@ -118,7 +133,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     from miaotui.bench.report import environment
     with open(args.out, "w") as f:
-        json.dump({"env": environment(), "rows": rows}, f, indent=2)
+        json.dump({"env": environment(), "machine": {"bandwidth_GBps": machine.bandwidth / 1e9,
+                   "source": machine.source}, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
