@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", default=None,
                    help="none (dequantize GGUF) | int8 | int4 (default: keep as stored)")
     g.add_argument("--group-size", type=int, default=32, help="int4 group size")
-    g.add_argument("--kv-cache-dtype", default="auto", help="auto | int8")
+    g.add_argument("--kv-cache-dtype", default="auto", help="auto (the weights' compute dtype) | fp16 | int8")
     g.add_argument("--kv-cache-memory", type=float, default=1 << 30, help="bytes, or a fraction of free memory")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)

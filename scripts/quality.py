@@ -22,10 +22,11 @@ MODES = {
     "int8": dict(quantization="int8"),
     "int4-g32": dict(quantization="int4", group_size=32),
     "int4-g64": dict(quantization="int4", group_size=64),
+    "kv-fp16": dict(quantization="none", kv_cache_dtype="fp16"),
     "kv-int8": dict(quantization="none", kv_cache_dtype="int8"),
     "int4-gptq-g32": dict(quantization="none"),   # then GPTQ, calibrated on other text
 }
-LIMITS = {"int8": 1.0, "int4-g32": 5.0, "int4-g64": 5.0, "kv-int8": 0.5, "int4-gptq-g32": 5.0}
+LIMITS = {"int8": 1.0, "int4-g32": 5.0, "int4-g64": 5.0, "kv-fp16": 0.5, "kv-int8": 0.5, "int4-gptq-g32": 5.0}
 CALIB_FROM = 6144  # GPTQ calibrates on the text's tokens from here on, apart from the scored ones   # % over fp32
 
 

@@ -47,7 +47,7 @@ def test_fused_decode_matches_pytorch(tiny, monkeypatch):
     assert_same(run(tiny, monkeypatch, True), run(tiny, monkeypatch, False), 1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [dict(kv_cache_dtype="int8"), dict(quantization="int8"),
+@pytest.mark.parametrize("kwargs", [dict(kv_cache_dtype="int8"), dict(kv_cache_dtype="fp16"), dict(quantization="int8"),
                                     dict(quantization="int4"), dict(max_num_seqs=2)])
 def test_fused_decode_variants(tiny_llama_dir, monkeypatch, kwargs):
     """int8 KV cache, quantized weights (the same kernel on both paths), small batches."""
@@ -61,7 +61,7 @@ def test_models_outside_the_family_keep_the_pytorch_path(tmp_path):
     assert LLM(str(tmp_path), kv_cache_memory=4 << 20).engine.runner.decoder is None
 
 
-@pytest.mark.parametrize("kv", ["auto", "int8"])
+@pytest.mark.parametrize("kv", ["auto", "fp16", "int8"])
 def test_fused_attention_splits_long_contexts(tiny_llama_dir, monkeypatch, kv):
     """One sequence of ~200 tokens: its keys are split into runs across threads
     (flash-decoding) and the partial softmaxes merged; the result must match PyTorch's."""

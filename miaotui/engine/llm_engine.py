@@ -23,7 +23,7 @@ DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32": torch.float32,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 @dataclass

@@ -7,7 +7,7 @@
 // on the calling thread. The math is the PyTorch path's (models/llama.py, layers/attention.py):
 //
 //   h = rmsnorm(x) ; q, k, v = h @ Wqkv (+ b) ; q, k = rmsnorm per head (Qwen3) ; rope(q, k)
-//   cache[slot] = k, v (int8 with a scale per token and head when the cache is int8)
+//   cache[slot] = k, v (float32, float16, or int8 with a scale per token and head)
 //   o = softmax(q . K * scale) V over the sequence's slots (its block table)
 //   x += o @ Wo ; h = rmsnorm(x) ; x += act(h @ Wg) * (h @ Wu) @ Wd
 //
@@ -54,7 +54,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // Eight cache values as float32 (an int8 row's scale is applied by the caller).
+using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
 inline __m256 load_row8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_row8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline __m256 load_row8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -196,7 +200,8 @@ class DecodeModel {
     TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && k.size(1) == nkv_ &&
                 k.size(2) == hd_, "cache shape");
     const bool int8 = k.scalar_type() == at::kChar;
-    TORCH_CHECK(int8 ? (k_scale && v_scale) : k.scalar_type() == at::kFloat, "cache dtype");
+    TORCH_CHECK(int8 ? (k_scale && v_scale) : (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf),
+                "cache dtype");
     l.k = k, l.v = v;
     TORCH_CHECK(layers_.empty() || num_slots_ == k.size(0), "caches differ in size");
     num_slots_ = k.size(0);
@@ -361,6 +366,15 @@ class DecodeModel {
       std::copy(v, v + nkv_ * hd_, l.v.data_ptr<float>() + row);
       return;
     }
+    if (l.k.scalar_type() == at::kHalf) {  // rounded to nearest even, as Tensor.to(float16)
+      half_t* kd = static_cast<half_t*>(l.k.data_ptr()) + row;
+      half_t* vd = static_cast<half_t*>(l.v.data_ptr()) + row;
+      for (int64_t i = 0; i < nkv_ * hd_; i += 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(kd + i), _mm256_cvtps_ph(_mm256_loadu_ps(k + i), _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(vd + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+      }
+      return;
+    }
     // int8: scale = max|x| / 127 (at least 1e-8), q = round(x / scale), as KVCache._quant
     const float* src[2] = {k, v};
     int8_t* dst[2] = {l.k.data_ptr<int8_t>() + row, l.v.data_ptr<int8_t>() + row};
@@ -401,16 +415,19 @@ class DecodeModel {
       }
     first[B * nkv_] = static_cast<int64_t>(jobs.size());
     std::vector<float> partials(jobs.size() * part);
-    const bool int8 = l.k.scalar_type() == at::kChar;
+    const at::ScalarType dtype = l.k.scalar_type();
     parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const Job& jb = jobs[j];
         const float* q = qkv + jb.b * QKV + jb.kh * g * hd_;
         const int64_t* slots = ctx[jb.b].data() + jb.i0;
         float* p = partials.data() + j * part;
-        if (int8)
+        if (dtype == at::kChar)
           attend<int8_t>(l.k.data_ptr<int8_t>(), l.v.data_ptr<int8_t>(), l.k_scale.data_ptr<float>(),
                          l.v_scale.data_ptr<float>(), jb.kh, q, g, slots, jb.i1 - jb.i0, p);
+        else if (dtype == at::kHalf)
+          attend<half_t>(static_cast<const half_t*>(l.k.data_ptr()), static_cast<const half_t*>(l.v.data_ptr()),
+                         nullptr, nullptr, jb.kh, q, g, slots, jb.i1 - jb.i0, p);
         else
           attend<float>(l.k.data_ptr<float>(), l.v.data_ptr<float>(), nullptr, nullptr, jb.kh, q, g,
                         slots, jb.i1 - jb.i0, p);
