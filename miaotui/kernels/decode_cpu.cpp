@@ -122,6 +122,19 @@ inline float exp_sub(float* x, int64_t n, float m) {
   return sum;
 }
 
+// a = silu(g) * u for g = gu[0..n), u = gu[n..2n): g / (1 + exp(-g)) * u.
+void silu_mul(const float* gu, int64_t n, float* a) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    // exp8 takes arguments up to 88 (e^88 < FLT_MAX); beyond, silu(g) is -0 either way
+    const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(s, _mm256_loadu_ps(gu + n + i)));
+  }
+  for (; i < n; ++i) a[i] = gu[i] / (1.0f + std::exp(-gu[i])) * gu[n + i];
+}
+
 // w * (x * rsqrt(mean(x^2) + eps)), as RMSNorm.forward.
 void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
   __m256 acc = _mm256_setzero_ps();
@@ -299,11 +312,7 @@ class DecodeModel {
       clock.lap(kOther);
       l.lin[2].run(h.data(), B, gu.data());
       clock.lap(kGateUp);
-      for (int64_t b = 0; b < B; ++b) {
-        const float* g = gu.data() + b * 2 * I_;
-        float* a = act.data() + b * I_;
-        for (int64_t i = 0; i < I_; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * g[I_ + i];
-      }
+      for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * I_, I_, act.data() + b * I_);
       clock.lap(kOther);
       l.lin[3].run(act.data(), B, y.data());
       clock.lap(kDown);
