@@ -119,7 +119,8 @@ class ModelRunner:
         one-token prefill chunk is such a token too; it samples only at the prompt's end."""
         lens, tables, slots = self._decode_tables(seqs)
         # token ids, positions, slots, lengths: one tensor (each construction costs ~15 us)
-        meta = torch.tensor([[s.token_ids[n - 1] for s, n in zip(seqs, lens)], [n - 1 for n in lens], slots, lens])
+        ids = [s.token_ids[n - 1] for s, n in zip(seqs, lens)]
+        meta = torch.tensor([ids, [n - 1 for n in lens], slots, lens])
         logits = self.decoder(meta[0], meta[1], meta[2], torch.tensor(tables), meta[3])
         rows = [i for i, (s, n) in enumerate(zip(seqs, lens)) if n == len(s)]
         if not rows:

@@ -53,16 +53,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
-// Eight cache values as float32 (an int8 row's scale is applied by the caller).
-using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
-inline __m256 load_row8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load_row8(const half_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load_row8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
 // [sum a[0], ..., sum a[7]]: the eight horizontal sums as one vector.
 inline __m256 hsum8(const __m256 (&a)[8]) {
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -70,14 +60,15 @@ inline __m256 hsum8(const __m256 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// q . k[r] for eight rows: eight independent FMA chains, one reduction for all of them.
+// q . k[r] for eight cache rows (an int8 row's scale is applied by the caller): eight
+// independent FMA chains, one reduction for all of them.
 template <typename T>
 inline __m256 dot8(const float* q, const T* const (&k)[8], int64_t n) {
   __m256 acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t e = 0; e < n; e += 8) {
     const __m256 qv = _mm256_loadu_ps(q + e);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load_row8(k[r] + e), acc[r]);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(k[r] + e), acc[r]);
   }
   return hsum8(acc);
 }
@@ -508,13 +499,13 @@ class DecodeModel {
           for (int64_t i = 0; i < n; ++i) {
             const T* v = vc + rows[i] * hd + e0;
             const __m256 w = _mm256_set1_ps(s[i]);
-            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load_row8(v + 8 * k), acc[k]);
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
           }
         } else {
           for (int64_t i = 0; i < n; ++i) {
             const T* v = vc + rows[i] * hd + e0;
             const __m256 w = _mm256_set1_ps(s[i]);
-            for (int64_t k = 0; k < ne; ++k) acc[k] = _mm256_fmadd_ps(w, load_row8(v + 8 * k), acc[k]);
+            for (int64_t k = 0; k < ne; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
           }
         }
         for (int64_t k = 0; k < ne; ++k) _mm256_storeu_ps(p + h * hd + e0 + 8 * k, acc[k]);

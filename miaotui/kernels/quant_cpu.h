@@ -18,6 +18,17 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
+
+// Eight values from p as float32 (int8 values unscaled).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
 struct Weights {
   const uint8_t* q;
