@@ -416,8 +416,9 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
   }
 }
 
-// Weights stream from memory once per call: the hardware prefetcher alone left ~25% of
-// the bandwidth unused (TinyLlama shapes, 2 threads: 21-22 GB/s; with this, 25-30 GB/s).
+// Weights stream from memory once per call and the hardware prefetcher alone leaves
+// bandwidth unused: with this, TinyLlama's Q8_0 matmuls at M=1 went from 20.0 (best 22.7)
+// to 21.6 (30.8) GB/s (python -m miaotui.bench.kernels --m 1, results/kernels_m1*.json).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
