@@ -15,7 +15,7 @@ def engine_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     seq = Sequence("probe", 0, ids, SamplingParams(max_tokens=1), 1)
     eng.block_manager.allocate(seq, use_cache=False)
     try:
-        _, input_ids, positions, meta = eng.runner.prepare([(seq, len(ids))])
+        input_ids, positions, meta = eng.runner.prepare([(seq, len(ids))], decode=False)
         with torch.inference_mode():
             return eng.model.compute_logits(eng.model(input_ids, positions, meta))
     finally:

@@ -65,11 +65,14 @@ class BlockManager:
     def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
         """Blocks for all of the sequence's current tokens, reusing cached full blocks.
 
-        The last token is never taken from the cache: its logits must be computed.
+        The last token is never taken from the cache: its logits must be computed. Only
+        blocks of the prompt are looked up (see ``register_full_blocks``).
         """
         assert not seq.block_table
         bs = self.block_size
-        cacheable = (len(seq) - 1) // bs if (self.enable_prefix_caching and use_cache) else 0
+        cacheable = min(len(seq) - 1, seq.num_prompt_tokens) // bs
+        if not (self.enable_prefix_caching and use_cache):
+            cacheable = 0
         prev, num_hit = None, 0
         for i in range(cacheable):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -86,7 +89,7 @@ class BlockManager:
         for _ in range(self.blocks_needed(len(seq)) - num_hit):
             seq.block_table.append(self._take_new())
         seq.num_cached_tokens = seq.num_computed_tokens = num_hit * bs
-        seq.num_hashed_blocks = num_hit
+        seq.num_hashed_blocks, seq.last_block_hash = num_hit, prev
         self.prefix_queries += len(seq)
         self.prefix_hits += num_hit * bs
 
@@ -99,12 +102,17 @@ class BlockManager:
             seq.block_table.append(self._take_new())
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """After a step: put every newly completed, computed block into the prefix cache."""
+        """After a step: put every newly completed, computed block of the prompt into the
+        prefix cache. Blocks holding generated tokens are not shared: their K/V came from the
+        decode path, and a request whose prompt holds those tokens computes them through
+        the prefill path when alone, so reusing them would change its output."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
-        prev = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        full = min(seq.num_computed_tokens, seq.num_prompt_tokens) // bs
+        # the chain goes on from the sequence's own last hash: its block may not carry it
+        # (a twin computed at the same time registered the hash first)
+        prev = seq.last_block_hash
         for i in range(seq.num_hashed_blocks, full):
             block = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
@@ -113,7 +121,7 @@ class BlockManager:
                 block.hash, block.tokens = h, tokens
                 self.cached[h] = block.id
             prev = h
-        seq.num_hashed_blocks = full
+        seq.num_hashed_blocks, seq.last_block_hash = max(full, seq.num_hashed_blocks), prev
 
     def free_seq(self, seq: Sequence) -> None:
         """Return the sequence's blocks; the tail first, so shared prefixes stay cached longest."""
@@ -125,4 +133,4 @@ class BlockManager:
                 if block.hash is None:  # nothing worth keeping: reuse it first
                     self.free.move_to_end(bid, last=False)
         seq.block_table = []
-        seq.num_hashed_blocks = 0
+        seq.num_hashed_blocks, seq.last_block_hash = 0, None

@@ -1,10 +1,19 @@
 """Owns the model, the KV cache and the device: turns a scheduled batch into tensors,
-runs one forward pass, and samples.
+runs the forward passes, and samples.
+
+Which code computes a token depends on that token's own request only: prompt tokens go
+through the prefill path (the PyTorch modules, float32 activations), generated tokens
+through the decode path (the fused C++ step where the model has one, else the PyTorch
+modules with int8 activations for quantized weights), whatever else the step holds. A
+step with both runs the two parts one after the other. With every kernel computing a row
+the same way whatever the batch, a request's tokens are then the same batched or alone,
+chunked or not, with its prefix from the cache or computed.
 """
 from __future__ import annotations
 
 import torch
 
+from miaotui import kernels
 from miaotui.config import ModelConfig
 from miaotui.engine.sequence import Sequence
 from miaotui.layers.attention import AttentionMetadata, KVCache, PrefillChunk
@@ -24,7 +33,6 @@ class ModelRunner:
             attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
-        from miaotui import kernels
         if kernels.load() is not None:
             kernels.load().set_threads(torch.get_num_threads())
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
@@ -44,11 +52,13 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _decode_tables(self, seqs: list[Sequence]) -> tuple[list[int], list[list[int]], list[int]]:
-        """For one new token per sequence: context lengths, block tables padded to the longest
-        (with block 0) and the slot each token's K/V goes to."""
+    def _decode_tables(self, seqs: list[Sequence], counts: list[int] | None = None
+                       ) -> tuple[list[int], list[list[int]], list[int]]:
+        """For ``counts`` new tokens per sequence (default one): context lengths after them,
+        block tables padded to the longest (with block 0) and the slot of each last token."""
         bs = self.block_size
-        lens = [s.num_computed_tokens + 1 for s in seqs]
+        lens = [s.num_computed_tokens + (1 if counts is None else c) for s, c in
+                zip(seqs, counts or [1] * len(seqs))]
         nblk = -(-max(lens) // bs)
         tables = [s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table))) for s in seqs]
         slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
@@ -63,60 +73,67 @@ class ModelRunner:
         if self.window is not None and C > self.window:
             chunk.sliding_mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
 
-    def prepare(self, batch: list[tuple[Sequence, int]]):
-        """Flatten the batch (prefill chunks first, then single-token decodes)."""
-        prefills = [(s, n) for s, n in batch if n > 1]
-        decodes = [(s, n) for s, n in batch if n == 1]
+    def prepare(self, batch: list[tuple[Sequence, int]], decode: bool):
+        """Flatten one phase of the batch: prompt chunks (``decode`` False) or one generated
+        token per sequence (True)."""
         ids, pos, slots, chunks = [], [], [], []
         row = 0
-        for seq, n in prefills:
+        for seq, n in batch:
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + n])
             pos.append(torch.arange(start, start + n))
             slots.append(self._slots(seq, start, start + n))
-            chunk = PrefillChunk(row, row + n, start, self._slots(seq, 0, start + n) if start else None)
-            self._prefill_masks(chunk, n, start + n)
-            chunks.append(chunk)
+            if not decode:
+                chunk = PrefillChunk(row, row + n, start, self._slots(seq, 0, start + n) if start else None)
+                self._prefill_masks(chunk, n, start + n)
+                chunks.append(chunk)
             row += n
-        meta = AttentionMetadata(slot_mapping=None, prefills=chunks, num_prefill_tokens=row)
-        if decodes:
-            lens, tables, dslot = self._decode_tables([s for s, _ in decodes])
-            lens, tables = torch.tensor(lens), torch.tensor(tables)
-            max_len = int(lens.max())
-            k_pos = torch.arange(max_len)
-            dslots = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
-            cur = (lens - 1).unsqueeze(1)
-            valid = k_pos.unsqueeze(0) <= cur
-            uniform = bool((lens == max_len).all())
-            meta.decode_slots = dslots
-            meta.decode_mask = None if uniform else valid[:, None, None, :]
-            meta.decode_sliding_mask = meta.decode_mask
-            if self.window is not None and max_len > self.window:
-                meta.decode_sliding_mask = (valid & (k_pos.unsqueeze(0) > cur - self.window))[:, None, None, :]
-            for s, _ in decodes:  # a one-token prefill chunk too: not always the last token
-                ids.append(s.token_ids[s.num_computed_tokens])
-            pos.append(lens - 1)
-            slots.append(torch.tensor(dslot))
-        meta.slot_mapping = torch.cat(slots)
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        positions = torch.cat(pos)
-        return prefills + decodes, input_ids, positions, meta
+        meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks,
+                                 num_prefill_tokens=0 if decode else row)
+        lens, tables, _ = self._decode_tables([s for s, _ in batch], [n for _, n in batch])
+        meta.tables = torch.tensor(tables)
+        meta.token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([n for _, n in batch]))
+        meta.token_pos = torch.cat(pos)
+        meta.block_size, meta.window = self.block_size, self.window or 0
+        if decode and kernels.load() is None:  # the PyTorch fallback's padded gather
+            self._decode_masks(meta, lens, meta.tables)
+        return torch.tensor(ids, dtype=torch.long), meta.token_pos, meta
+
+    def _decode_masks(self, meta: AttentionMetadata, lens: list[int], tables: torch.Tensor) -> None:
+        lens = torch.tensor(lens)
+        max_len = int(lens.max())
+        k_pos = torch.arange(max_len)
+        meta.decode_slots = tables[:, k_pos // self.block_size] * self.block_size + k_pos % self.block_size
+        cur = (lens - 1).unsqueeze(1)
+        valid = k_pos.unsqueeze(0) <= cur
+        meta.decode_mask = None if bool((lens == max_len).all()) else valid[:, None, None, :]
+        meta.decode_sliding_mask = meta.decode_mask
+        if self.window is not None and max_len > self.window:
+            meta.decode_sliding_mask = (valid & (k_pos.unsqueeze(0) > cur - self.window))[:, None, None, :]
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
-        """One forward pass. Returns {seq_id: sampled token} for sequences that reached
-        the end of their known tokens (a finished prefill, or a decode)."""
-        if self.decoder is not None and all(n == 1 and (s.params.prompt_logprobs is None or
-                                                      s.num_computed_tokens >= s.num_prompt_tokens)
-                                            for s, n in batch):
-            return self._decode_fused([s for s, _ in batch])
-        ordered, input_ids, positions, meta = self.prepare(batch)
-        with exact_activations(bool(meta.prefills)):
-            return self._forward(ordered, input_ids, positions, meta)
+        """The step's forward passes. Returns {seq_id: sampled token} for sequences that
+        reached the end of their known tokens (a finished prompt, or a decode)."""
+        prompt = [(s, n) for s, n in batch if s.num_computed_tokens < s.num_prompt_tokens]
+        decode = [(s, n) for s, n in batch if s.num_computed_tokens >= s.num_prompt_tokens]
+        assert all(n == 1 for _, n in decode), "generated tokens are computed one at a time"
+        assert all(s.num_computed_tokens + n <= s.num_prompt_tokens for s, n in prompt), \
+            "a prompt chunk never reaches into generated tokens"
+        out = {}
+        if prompt:
+            with exact_activations(True):
+                out.update(self._forward(prompt, *self.prepare(prompt, decode=False)))
+        if decode and self.decoder is not None:
+            out.update(self._decode_fused([s for s, _ in decode]))
+        elif decode:
+            with exact_activations(False):
+                out.update(self._forward(decode, *self.prepare(decode, decode=True)))
+        return out
 
     def _decode_fused(self, seqs: list[Sequence]) -> dict[int, int]:
-        """One token per sequence through the C++ decoder, the metadata as plain lists. A
-        one-token prefill chunk is such a token too; it samples only at the prompt's end."""
+        """One generated token per sequence through the C++ decoder, the metadata as plain
+        lists. A token replayed after preemption samples nothing (it is not the last)."""
         lens, tables, slots = self._decode_tables(seqs)
         # token ids, positions, slots, lengths: one tensor (each construction costs ~15 us)
         ids = [s.token_ids[n - 1] for s, n in zip(seqs, lens)]
@@ -131,6 +148,8 @@ class ModelRunner:
         return {s.seq_id: t for s, t in zip(seqs, tokens)}
 
     def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:
+        """One pass of the PyTorch model over a phase's tokens; samples the rows that end
+        their sequence's known tokens."""
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)
         rows, sample_seqs = [], []
         end = 0

@@ -40,6 +40,7 @@ class Sequence:
         self.num_computed_tokens = 0             # tokens whose K/V are in the cache
         self.num_cached_tokens = 0               # of those, how many came from the prefix cache
         self.num_hashed_blocks = 0               # full blocks registered in the prefix cache
+        self.last_block_hash: int | None = None  # the chained hash of the last of those
         self.block_table: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None
@@ -67,7 +68,12 @@ class Sequence:
 
     @property
     def num_to_compute(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens the next step may compute: the rest of the prompt (in chunks, through the
+        prefill path), else one generated token (through the decode path; after preemption
+        the generated tokens are replayed one a step, so their K/V are the decode path's)."""
+        if self.num_computed_tokens < self.num_prompt_tokens:
+            return self.num_prompt_tokens - self.num_computed_tokens
+        return min(1, len(self.token_ids) - self.num_computed_tokens)
 
     @property
     def finished(self) -> bool:

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = ["quant_cpu.cpp", "decode_cpu.cpp"]
+_SOURCES = ["quant_cpu.cpp", "decode_cpu.cpp", "matmul_cpu.cpp"]
 _HEADERS = ["quant_cpu.h"]
 # -ffp-contract=off: no multiply+add fusing, so dequantization is bit-exact.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]

@@ -12,10 +12,10 @@
 //   x += o @ Wo ; h = rmsnorm(x) ; x += act(h @ Wg) * (h @ Wu) @ Wd
 //
 // Weights are either quantized (the int8-activation kernel of quant_cpu.cpp, what the
-// PyTorch path runs for decode too) or float32 (an FMA kernel here; BLAS from 4 tokens on).
+// PyTorch path runs for decode too) or float32 (matmul_cpu.cpp, what prefill runs too).
+// Every kernel here computes a token's row the same way whatever else is in the batch.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <immintrin.h>
 
 #include <chrono>
@@ -41,17 +41,6 @@ struct Clock {
   int64_t* acc;
   std::chrono::steady_clock::time_point t;
 };
-
-// n is a multiple of 8 everywhere below (head_dim and hidden sizes are checked).
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32)  // four chains: one FMA's latency would bound a single one
-    for (int k = 0; k < 4; ++k)
-      acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * k), _mm256_loadu_ps(b + i + 8 * k), acc[k]);
-  for (; i < n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[0]);
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
 
 // [sum a[0], ..., sum a[7]]: the eight horizontal sums as one vector.
 inline __m256 hsum8(const __m256 (&a)[8]) {
@@ -137,6 +126,161 @@ void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 
+// A layer's paged KV cache: [slots, kv_heads, head_dim] float32, float16, or int8 with a
+// float32 scale per slot and head.
+struct Cache {
+  at::ScalarType dtype;
+  const void *k, *v;
+  const float *ks = nullptr, *vs = nullptr;
+  int64_t slots;
+};
+
+Cache cache_of(const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks, const at::Tensor& vs) {
+  Cache c{k.scalar_type(), k.data_ptr(), v.data_ptr()};
+  if (c.dtype == at::kChar) c.ks = ks.data_ptr<float>(), c.vs = vs.data_ptr<float>();
+  c.slots = k.size(0);
+  return c;
+}
+
+// Keys are taken in runs that start at multiples of kKeyRun positions, each run one job
+// with its own partial softmax; a query's runs depend on its position only, and they are
+// merged in position order. So a token's attention output is the same whether it is a
+// prompt token of a long prefill chunk, of a short one, or a decode token, and whatever
+// else is in the step (flash-decoding splits by thread count would not be).
+constexpr int64_t kKeyRun = 64;
+
+// Attention of T query tokens over the paged cache. Token t is at position pos[t] of the
+// sequence whose block table is row seq[t] (or row t when seq is null) of tables [., nblk];
+// it attends to the keys at positions lo..pos[t], lo = pos[t] - window + 1 with a sliding
+// window (window > 0), else 0. q: T rows ldq apart, nh heads of hd; out: rows ldo apart.
+struct PagedAttention {
+  int64_t nh, nkv, hd, bs;
+  float scale;
+
+  void run(const Cache& c, int64_t T, const float* q, int64_t ldq, const int64_t* tables, int64_t nblk,
+           const int64_t* seq, const int64_t* pos, int64_t window, float* out, int64_t ldo) const {
+    const int64_t g = nh / nkv, part = g * (hd + 2);
+    struct Job { int64_t t, kh, i0, i1; };
+    std::vector<Job> jobs;
+    std::vector<int64_t> first(T * nkv + 1);  // jobs of (t, kh): first[t * nkv + kh] ..
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos[t], lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      TORCH_CHECK(p >= 0 && p < nblk * bs, "position outside the block table");
+      const int64_t* tb = tables + (seq ? seq[t] : t) * nblk;
+      for (int64_t blk = lo / bs; blk <= p / bs; ++blk)
+        TORCH_CHECK(tb[blk] >= 0 && (tb[blk] + 1) * bs <= c.slots, "block out of range");
+      for (int64_t kh = 0; kh < nkv; ++kh) {
+        first[t * nkv + kh] = static_cast<int64_t>(jobs.size());
+        for (int64_t i0 = lo; i0 <= p; i0 = (i0 / kKeyRun + 1) * kKeyRun)
+          jobs.push_back({t, kh, i0, std::min(p + 1, (i0 / kKeyRun + 1) * kKeyRun)});
+      }
+    }
+    first[T * nkv] = static_cast<int64_t>(jobs.size());
+    std::vector<float> partials(jobs.size() * part);
+    parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const Job& jb = jobs[j];
+        const float* qt = q + jb.t * ldq + jb.kh * g * hd;
+        const int64_t* tb = tables + (seq ? seq[jb.t] : jb.t) * nblk;
+        float* p = partials.data() + j * part;
+        if (c.dtype == at::kChar)
+          attend(static_cast<const int8_t*>(c.k), static_cast<const int8_t*>(c.v), c.ks, c.vs, jb.kh, qt, g,
+                 tb, jb.i0, jb.i1 - jb.i0, p);
+        else if (c.dtype == at::kHalf)
+          attend(static_cast<const half_t*>(c.k), static_cast<const half_t*>(c.v), nullptr, nullptr, jb.kh,
+                 qt, g, tb, jb.i0, jb.i1 - jb.i0, p);
+        else
+          attend(static_cast<const float*>(c.k), static_cast<const float*>(c.v), nullptr, nullptr, jb.kh, qt,
+                 g, tb, jb.i0, jb.i1 - jb.i0, p);
+      }
+    });
+    // o = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c,  M = max_c m_c, runs in order
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t kh = 0; kh < nkv; ++kh)
+        for (int64_t h = 0; h < g; ++h) {
+          const int64_t c0 = first[t * nkv + kh], c1 = first[t * nkv + kh + 1];
+          float m = -INFINITY, lsum = 0.0f;
+          for (int64_t ci = c0; ci < c1; ++ci) m = std::max(m, partials[ci * part + g * hd + 2 * h]);
+          float* o = out + t * ldo + (kh * g + h) * hd;
+          std::fill(o, o + hd, 0.0f);
+          for (int64_t ci = c0; ci < c1; ++ci) {
+            const float* pc = partials.data() + ci * part;
+            const float f = std::exp(pc[g * hd + 2 * h] - m);
+            lsum += f * pc[g * hd + 2 * h + 1];
+            for (int64_t e = 0; e < hd; ++e) o[e] += f * pc[h * hd + e];
+          }
+          const float inv = 1.0f / lsum;
+          for (int64_t e = 0; e < hd; ++e) o[e] *= inv;
+        }
+  }
+
+  // One job: the g query heads q [g, hd] of KV head kh against the n keys at positions
+  // i0.. of block table tb. Writes the unnormalized o [g, hd], then (m, l) per head, to p:
+  // m the largest score, l = sum exp(s - m), o = sum exp(s - m) v. Keys are scored eight
+  // at a time, each K/V row read once for all g heads.
+  template <typename T>
+  void attend(const T* kc, const T* vc, const float* ksc, const float* vsc, int64_t kh, const float* q,
+              int64_t g, const int64_t* tb, int64_t i0, int64_t n, float* p) const {
+    const int64_t np = (n + 7) / 8 * 8;
+    thread_local std::vector<float> scores;
+    thread_local std::vector<int64_t> rows;
+    scores.resize(g * np);
+    rows.resize(np);
+    for (int64_t i = 0; i < np; ++i) {  // past n: repeats the last key
+      const int64_t at = i0 + std::min(i, n - 1);
+      rows[i] = (tb[at / bs] * bs + at % bs) * nkv + kh;
+    }
+    for (int64_t i = 0; i < n; i += 8) {
+      const T* k[8];
+      alignas(32) float f[8];
+      for (int r = 0; r < 8; ++r) {
+        k[r] = kc + rows[i + r] * hd;
+        f[r] = ksc ? ksc[rows[i + r]] * scale : scale;
+        if (i + 8 + r < n) {
+          prefetch_row(kc + rows[i + 8 + r] * hd, hd);
+          prefetch_row(vc + rows[i + 8 + r] * hd, hd);
+        }
+      }
+      const __m256 fv = _mm256_load_ps(f);
+      for (int64_t h = 0; h < g; ++h)
+        _mm256_storeu_ps(scores.data() + h * np + i, _mm256_mul_ps(dot8(q + h * hd, k, hd), fv));
+    }
+    float* ml = p + g * hd;
+    for (int64_t h = 0; h < g; ++h) {
+      float* s = scores.data() + h * np;
+      float m = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+      ml[2 * h] = m;
+      ml[2 * h + 1] = exp_sub(s, n, m);
+      if (vsc)
+        for (int64_t i = 0; i < n; ++i) s[i] *= vsc[rows[i]];
+    }
+    // o = sum_i s_i v_i, 64 dimensions at a time in registers
+    for (int64_t h = 0; h < g; ++h) {
+      const float* s = scores.data() + h * np;
+      for (int64_t e0 = 0; e0 < hd; e0 += 64) {
+        const int64_t ne = std::min<int64_t>(64, hd - e0) / 8;
+        __m256 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+        if (ne == 8) {
+          for (int64_t i = 0; i < n; ++i) {
+            const T* v = vc + rows[i] * hd + e0;
+            const __m256 w = _mm256_set1_ps(s[i]);
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const T* v = vc + rows[i] * hd + e0;
+            const __m256 w = _mm256_set1_ps(s[i]);
+            for (int64_t k = 0; k < ne; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
+          }
+        }
+        for (int64_t k = 0; k < ne; ++k) _mm256_storeu_ps(p + h * hd + e0 + 8 * k, acc[k]);
+      }
+    }
+  }
+};
+
 // A row range of a linear layer's output, stored one way.
 struct Part {
   int64_t out0, n, k;
@@ -153,20 +297,8 @@ struct Linear {
   // y [T, N] = x [T, K] @ W.T (+ bias)
   void run(const float* x, int64_t T, float* y) const {
     for (const Part& p : parts) {
-      if (p.quant) {
-        qmatmul_into(x, T, *p.quant, y + p.out0, N);
-      } else if (T >= 4) {  // from 4 tokens on, compute-bound: BLAS
-        const at::Tensor xt = at::from_blob(const_cast<float*>(x), {T, p.k}, at::kFloat);
-        const at::Tensor r = at::mm(xt, p.dense.t());
-        const float* rp = r.data_ptr<float>();
-        for (int64_t t = 0; t < T; ++t) std::copy(rp + t * p.n, rp + (t + 1) * p.n, y + t * N + p.out0);
-      } else {
-        const float* w = p.dense.data_ptr<float>();
-        parallel_rows(p.n, 8, [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n)
-            for (int64_t t = 0; t < T; ++t) y[t * N + p.out0 + n] = dot(x + t * p.k, w + n * p.k, p.k);
-        });
-      }
+      if (p.quant) qmatmul_into(x, T, *p.quant, y + p.out0, N);
+      else f32_matmul_into(x, p.k, T, p.k, p.dense.data_ptr<float>(), p.k, p.n, y + p.out0, N);
     }
     if (bias)
       for (int64_t t = 0; t < T; ++t)
@@ -190,6 +322,7 @@ class DecodeModel {
       : H_(hidden), nh_(heads), nkv_(kv_heads), hd_(head_dim), I_(intermediate),
         eps_(static_cast<float>(eps)), scale_(static_cast<float>(scale)), bs_(block_size) {
     TORCH_CHECK(H_ % 8 == 0 && hd_ % 8 == 0 && nh_ % nkv_ == 0, "unsupported shape");
+    attn_ = PagedAttention{nh_, nkv_, hd_, bs_, scale_};
   }
 
   void add_layer(const at::Tensor& in_norm, const at::Tensor& post_norm,
@@ -261,16 +394,8 @@ class DecodeModel {
     const int64_t *slot = slots.data_ptr<int64_t>(), *table = tables.data_ptr<int64_t>(),
                   *len = lens.data_ptr<int64_t>();
     const int64_t nblk = tables.size(1);
-    std::vector<std::vector<int64_t>> ctx(B);  // each sequence's slots
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(len[b] >= 1 && len[b] <= nblk * bs_, "context length outside the block table");
-      const int64_t* tb = table + b * nblk;
-      for (int64_t pos = 0; pos < len[b]; ++pos) {
-        const int64_t s = tb[pos / bs_] * bs_ + pos % bs_;
-        TORCH_CHECK(s >= 0 && s < num_slots_, "slot out of range");
-        ctx[b].push_back(s);
-      }
-    }
+    std::vector<int64_t> pos(B);
+    for (int64_t b = 0; b < B; ++b) pos[b] = len[b] - 1;  // each attends to its whole context
     std::vector<float> h(B * H_), qkv(B * QKV), att(B * nh_ * hd_), gu(B * 2 * I_), act(B * I_), y(B * H_);
     Clock clock(profile_);
     for (Layer& l : layers_) {
@@ -294,7 +419,8 @@ class DecodeModel {
         write_kv(l, slot[b], row + nh_ * hd_, row + (nh_ + nkv_) * hd_);
       }
       clock.lap(kOther);
-      attention(l, B, qkv.data(), ctx, att.data());
+      attn_.run(cache_of(l.k, l.v, l.k_scale, l.v_scale), B, qkv.data(), QKV, table, nblk, nullptr,
+                pos.data(), 0, att.data(), nh_ * hd_);
       clock.lap(kAttention);
       l.lin[1].run(att.data(), B, y.data());
       clock.lap(kO);
@@ -390,132 +516,10 @@ class DecodeModel {
       }
   }
 
-  // Attention of every query head, split into jobs of (sequence, KV head, run of keys) so
-  // that two threads share even one short sequence (flash-decoding). A job reads each key
-  // and value row once for the g query heads that share it, scores eight keys at a time,
-  // and leaves an unnormalized partial result (its max score m, sum of exp l, and output
-  // o = sum exp(s - m) v); the partials of a head are then merged:
-  //   o = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c,  M = max_c m_c.
-  void attention(const Layer& l, int64_t B, const float* qkv, const std::vector<std::vector<int64_t>>& ctx,
-                 float* out) const {
-    const int64_t g = nh_ / nkv_, QKV = (nh_ + 2 * nkv_) * hd_, part = g * (hd_ + 2);
-    int64_t longest = 1;
-    for (const auto& c : ctx) longest = std::max<int64_t>(longest, c.size());
-    // runs of at least 64 keys, enough of them for ~4 jobs per thread
-    const int64_t per_head = std::max<int64_t>(1, (4 * kernel_threads() + B * nkv_ - 1) / (B * nkv_));
-    const int64_t run = std::max<int64_t>(64, (longest + per_head - 1) / per_head);
-    struct Job { int64_t b, kh, i0, i1; };
-    std::vector<Job> jobs;
-    std::vector<int64_t> first(B * nkv_ + 1);  // jobs of (b, kh): first[b * nkv + kh] ..
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t kh = 0; kh < nkv_; ++kh) {
-        first[b * nkv_ + kh] = static_cast<int64_t>(jobs.size());
-        const int64_t L = static_cast<int64_t>(ctx[b].size());
-        for (int64_t i0 = 0; i0 < L; i0 += run) jobs.push_back({b, kh, i0, std::min(L, i0 + run)});
-      }
-    first[B * nkv_] = static_cast<int64_t>(jobs.size());
-    std::vector<float> partials(jobs.size() * part);
-    const at::ScalarType dtype = l.k.scalar_type();
-    parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const Job& jb = jobs[j];
-        const float* q = qkv + jb.b * QKV + jb.kh * g * hd_;
-        const int64_t* slots = ctx[jb.b].data() + jb.i0;
-        float* p = partials.data() + j * part;
-        if (dtype == at::kChar)
-          attend<int8_t>(l.k.data_ptr<int8_t>(), l.v.data_ptr<int8_t>(), l.k_scale.data_ptr<float>(),
-                         l.v_scale.data_ptr<float>(), jb.kh, q, g, slots, jb.i1 - jb.i0, p);
-        else if (dtype == at::kHalf)
-          attend<half_t>(static_cast<const half_t*>(l.k.data_ptr()), static_cast<const half_t*>(l.v.data_ptr()),
-                         nullptr, nullptr, jb.kh, q, g, slots, jb.i1 - jb.i0, p);
-        else
-          attend<float>(l.k.data_ptr<float>(), l.v.data_ptr<float>(), nullptr, nullptr, jb.kh, q, g,
-                        slots, jb.i1 - jb.i0, p);
-      }
-    });
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t kh = 0; kh < nkv_; ++kh)
-        for (int64_t h = 0; h < g; ++h) {
-          const int64_t c0 = first[b * nkv_ + kh], c1 = first[b * nkv_ + kh + 1];
-          float m = -INFINITY, lsum = 0.0f;
-          for (int64_t c = c0; c < c1; ++c) m = std::max(m, partials[c * part + g * hd_ + 2 * h]);
-          float* o = out + b * nh_ * hd_ + (kh * g + h) * hd_;
-          std::fill(o, o + hd_, 0.0f);
-          for (int64_t c = c0; c < c1; ++c) {
-            const float* pc = partials.data() + c * part;
-            const float f = std::exp(pc[g * hd_ + 2 * h] - m);
-            lsum += f * pc[g * hd_ + 2 * h + 1];
-            for (int64_t e = 0; e < hd_; ++e) o[e] += f * pc[h * hd_ + e];
-          }
-          const float inv = 1.0f / lsum;
-          for (int64_t e = 0; e < hd_; ++e) o[e] *= inv;
-        }
-  }
-
-  // One job: the g query heads q [g, hd] of KV head kh against the n cache slots `slots`.
-  // Writes o [g, hd], then (m, l) for each head, to p.
-  template <typename T>
-  void attend(const T* kc, const T* vc, const float* ksc, const float* vsc, int64_t kh, const float* q,
-              int64_t g, const int64_t* slots, int64_t n, float* p) const {
-    const int64_t hd = hd_, np = (n + 7) / 8 * 8;
-    thread_local std::vector<float> scores;
-    thread_local std::vector<int64_t> rows;
-    scores.resize(g * np);
-    rows.resize(np);
-    for (int64_t i = 0; i < np; ++i) rows[i] = slots[std::min(i, n - 1)] * nkv_ + kh;  // repeats the last
-    for (int64_t i = 0; i < n; i += 8) {
-      const T* k[8];
-      alignas(32) float f[8];
-      for (int r = 0; r < 8; ++r) {
-        k[r] = kc + rows[i + r] * hd;
-        f[r] = ksc ? ksc[rows[i + r]] * scale_ : scale_;
-        if (i + 8 + r < n) {
-          prefetch_row(kc + rows[i + 8 + r] * hd, hd);
-          prefetch_row(vc + rows[i + 8 + r] * hd, hd);
-        }
-      }
-      const __m256 fv = _mm256_load_ps(f);
-      for (int64_t h = 0; h < g; ++h)
-        _mm256_storeu_ps(scores.data() + h * np + i, _mm256_mul_ps(dot8(q + h * hd, k, hd), fv));
-    }
-    float* ml = p + g * hd;
-    for (int64_t h = 0; h < g; ++h) {
-      float* s = scores.data() + h * np;
-      float m = -INFINITY;
-      for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
-      ml[2 * h] = m;
-      ml[2 * h + 1] = exp_sub(s, n, m);
-      if (vsc)
-        for (int64_t i = 0; i < n; ++i) s[i] *= vsc[rows[i]];
-    }
-    // o = sum_i s_i v_i, 64 dimensions at a time in registers
-    for (int64_t h = 0; h < g; ++h) {
-      const float* s = scores.data() + h * np;
-      for (int64_t e0 = 0; e0 < hd; e0 += 64) {
-        const int64_t ne = std::min<int64_t>(64, hd - e0) / 8;
-        __m256 acc[8];
-        for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
-        if (ne == 8) {
-          for (int64_t i = 0; i < n; ++i) {
-            const T* v = vc + rows[i] * hd + e0;
-            const __m256 w = _mm256_set1_ps(s[i]);
-            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) {
-            const T* v = vc + rows[i] * hd + e0;
-            const __m256 w = _mm256_set1_ps(s[i]);
-            for (int64_t k = 0; k < ne; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
-          }
-        }
-        for (int64_t k = 0; k < ne; ++k) _mm256_storeu_ps(p + h * hd + e0 + 8 * k, acc[k]);
-      }
-    }
-  }
-
   int64_t H_, nh_, nkv_, hd_, I_;
   float eps_, scale_;
   int64_t bs_;
+  PagedAttention attn_;
   int64_t num_slots_ = 0;
   std::vector<Layer> layers_;
   Linear head_;
@@ -524,9 +528,38 @@ class DecodeModel {
   int64_t profile_[kCalls + 1] = {};
 };
 
+// Attention of T tokens [T, heads, head_dim] over one layer's paged cache (their own K/V
+// already written): token t is at position pos[t] of the sequence whose block table is row
+// seq[t] of tables. Returns [T, heads * head_dim].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                           const at::Tensor& tables, const at::Tensor& seq, const at::Tensor& pos,
+                           int64_t block_size, int64_t window, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: float32 [T, heads, dim]");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && k.sizes() == v.sizes() &&
+              k.size(2) == q.size(2) && q.size(2) % 8 == 0 && q.size(1) % k.size(1) == 0, "cache shape");
+  const bool int8 = k.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? (k_scale && v_scale) : (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf),
+              "cache dtype");
+  const int64_t T = q.size(0);
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.is_contiguous() && tables.dim() == 2 &&
+              seq.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && seq.numel() == T &&
+              pos.numel() == T && seq.is_contiguous() && pos.is_contiguous(), "metadata");
+  const int64_t* sp = seq.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < tables.size(0), "sequence index");
+  at::Tensor out = at::empty({T, q.size(1) * q.size(2)}, q.options());
+  const PagedAttention attn{q.size(1), k.size(1), q.size(2), block_size, static_cast<float>(scale)};
+  attn.run(cache_of(k, v, int8 ? *k_scale : at::Tensor(), int8 ? *v_scale : at::Tensor()), T,
+           q.data_ptr<float>(), q.size(1) * q.size(2), tables.data_ptr<int64_t>(), tables.size(1), sp,
+           pos.data_ptr<int64_t>(), window, out.data_ptr<float>(), q.size(1) * q.size(2));
+  return out;
+}
+
 }  // namespace
 
 void register_decode(pybind11::module& m) {
+  m.def("paged_attention", &paged_attention, "attention of prompt or decode tokens over a paged KV cache",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t>())

@@ -563,33 +563,38 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
-// Rows n0..n1 of W as float32 [n1 - n0, K]: scale * q (+ min) or scale * (q - 8).
+// Row n of W as float32 [K]: scale * q (+ min) or scale * (q - 8).
 template <typename S>
-void dequant_rows(const Weights& w, bool int4, bool b16, int64_t n0, int64_t n1, float* out) {
+void dequant_row_t(const Weights& w, int64_t n, float* o) {
   const int64_t nb = w.K / 32;
+  const bool int4 = w.bits == 4;
   const __m256i eight = _mm256_set1_epi8(8);
-  parallel_rows(n1 - n0, 4, [&](int64_t r0, int64_t r1) {
-    for (int64_t n = n0 + r0; n < n0 + r1; ++n) {
-      const uint8_t* wq = w.q + n * w.row_bytes;
-      const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
-      const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
-      float* o = out + (n - n0) * w.K;
-      for (int64_t b = 0; b < nb; ++b) {
-        __m256i v = int4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
-        if (int4 && !wm) v = _mm256_sub_epi8(v, eight);
-        const __m128i h[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
-        for (int k = 0; k < 4; ++k) {  // values 8k..8k+7
-          const int64_t si = b16 ? 2 * b + k / 2 : b >> w.shift;
-          const __m128i bytes = k % 2 ? _mm_srli_si128(h[k / 2], 8) : h[k / 2];
-          __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-          f = _mm256_mul_ps(f, _mm256_set1_ps(to_float(ws[si])));
-          if (wm) f = _mm256_add_ps(f, _mm256_set1_ps(to_float(wm[si])));
-          _mm256_storeu_ps(o + 32 * b + 8 * k, f);
-        }
-      }
+  const uint8_t* wq = w.q + n * w.row_bytes;
+  const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
+  const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i v = int4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
+    if (int4 && !wm) v = _mm256_sub_epi8(v, eight);
+    const __m128i h[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
+    for (int k = 0; k < 4; ++k) {  // values 8k..8k+7
+      const int64_t si = w.b16 ? 2 * b + k / 2 : b >> w.shift;
+      const __m128i bytes = k % 2 ? _mm_srli_si128(h[k / 2], 8) : h[k / 2];
+      __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      f = _mm256_mul_ps(f, _mm256_set1_ps(to_float(ws[si])));
+      if (wm) f = _mm256_add_ps(f, _mm256_set1_ps(to_float(wm[si])));
+      _mm256_storeu_ps(o + 32 * b + 8 * k, f);
     }
-  });
+  }
 }
+
+}  // namespace
+
+void dequant_row(const Weights& w, int64_t n, float* out) {
+  if (w.half) dequant_row_t<half_t>(w, n, out);
+  else dequant_row_t<float>(w, n, out);
+}
+
+namespace {
 
 at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                    int64_t block, int64_t bits, double offset, int64_t n0, int64_t n1) {
@@ -597,10 +602,10 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tenso
   TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.N, "row range");
   TORCH_CHECK(bits == 8 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
   at::Tensor out = at::empty({n1 - n0, w.K}, scale.options().dtype(at::kFloat));
-  if (scale.scalar_type() == at::kHalf)
-    dequant_rows<half_t>(w, bits == 4, block == 16, n0, n1, out.data_ptr<float>());
-  else
-    dequant_rows<float>(w, bits == 4, block == 16, n0, n1, out.data_ptr<float>());
+  float* o = out.data_ptr<float>();
+  parallel_rows(n1 - n0, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequant_row(w, n0 + r, o + r * w.K);
+  });
   return out;
 }
 
@@ -648,4 +653,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());
   register_decode(m);
+  register_matmul(m);
 }

@@ -50,6 +50,17 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 // y[t, n] (rows ldy apart) = x[t] . W[n] with x [T, K] quantized to int8 per block of 32.
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
 
+// Row n of W dequantized to float32 [K] (bit-exact with QuantWeight.dequantize).
+void dequant_row(const Weights& w, int64_t n, float* out);
+
+// y[t, n] (rows ldy apart) = x[t] . W[n] in float32, x [T, K] rows ldx apart, with the same
+// arithmetic for every t whatever T is (matmul_cpu.cpp). W: float32 rows ldw apart, or
+// quantized (dequantized a block of rows at a time, exact activations).
+void f32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
+                     int64_t N, float* y, int64_t ldy);
+void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y,
+                      int64_t ldy);
+
 // How many threads the kernels run on.
 int kernel_threads();
 
@@ -57,5 +68,6 @@ int kernel_threads();
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 
 void register_decode(pybind11::module& m);
+void register_matmul(pybind11::module& m);
 
 }  // namespace miaotui

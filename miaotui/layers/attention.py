@@ -2,9 +2,13 @@
 
 The cache of a layer is one flat pool of slots, ``[num_blocks * block_size, kv_heads,
 head_dim]``; a sequence's tokens live in the slots its block table names. Each step the
-model runner builds one :class:`AttentionMetadata` for the whole flat batch: prefill chunks
-first (each attends causally to its cached prefix plus itself), then decode tokens
-(batched: one gather of every sequence's slots, padded, and one masked SDPA call).
+model runner builds one :class:`AttentionMetadata` for the whole flat batch: each token's
+sequence (a row of ``tables``) and position. The C++ kernel (``paged_attention``) lets
+every token attend to the cached keys up to its own position, in runs fixed by position,
+so a token's output is the same in a long prefill chunk, a short one, or a decode step.
+Without the kernels, PyTorch does it: prefill chunks (causal over their cached prefix plus
+themselves), then decode tokens (one gather of every sequence's slots, padded, one masked
+SDPA call); that fallback is not batch-invariant.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from miaotui import kernels
 
 
 @dataclass
@@ -33,6 +39,12 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None        # [B, max_ctx] (padding points at slot 0)
     decode_mask: torch.Tensor | None = None         # [B, 1, 1, max_ctx] bool or None
     decode_sliding_mask: torch.Tensor | None = None
+    # for the C++ kernel: block tables [S, nblk], and per token its table row and position
+    tables: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None
+    token_pos: torch.Tensor | None = None
+    block_size: int = 0
+    window: int = 0                                 # sliding layers' window (0: none)
 
 
 class KVCache:
@@ -91,6 +103,14 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
         self.cache.write(meta.slot_mapping, k, v)
+        kern = kernels.load()
+        if (kern is not None and meta.tables is not None and q.dtype == torch.float32 and self.head_dim % 8 == 0
+                and self.cache.k.dtype in (torch.float32, torch.float16, torch.int8)):
+            c = self.cache
+            ks, vs = (c.k_scale, c.v_scale) if c.quantized else (None, None)
+            return kern.paged_attention(q.contiguous(), c.k, c.v, ks, vs, meta.tables, meta.token_seq,
+                                        meta.token_pos, meta.block_size, meta.window if self.sliding else 0,
+                                        self.scale)
         parts = []
         for c in meta.prefills:
             qc = q[c.start:c.end].transpose(0, 1).unsqueeze(0)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui import kernels
+
 
 def concat_rows(parts: list):
     """One QuantWeight for row-stacked parts (q, k, v): merged when their layouts agree,
@@ -99,6 +101,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             y = self.qweight.matmul(x)
+            return y if self.bias is None else y.add_(self.bias)
+        k = kernels.load()
+        if k is not None and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu":
+            # batch-invariant: a row's result never depends on the other rows (BLAS's may)
+            y = k.f32_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight)
+            y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y.add_(self.bias)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.linear(x, w, self.bias)

@@ -24,19 +24,21 @@ with ``gguf.quants.dequantize``. Bytes per weight (``nbytes()``), GGUF's own in 
 
 (The K-quants' two-level scales become one float32 per block, their product.)
 
-``matmul`` picks one of three paths:
+``matmul`` picks one of three paths, by what the step computes, never by its size (so a
+token's result does not depend on what else is in the batch):
 
-* C++ kernels (miaotui/kernels), fewer than ``LARGE_T`` rows of x (decode): x is quantized
-  to int8 per block of 32 on the fly (x ~ dx * xq, dx = max|x| / 127) and each block's dot
-  product is an integer one (AVX2 maddubs), scaled by scale * dx. The weights stream
-  once. The price is the activation rounding, at most dx/2 per element, so
+* C++ kernels (miaotui/kernels), decode (the default mode): x is quantized to int8 per
+  block of 32 on the fly (x ~ dx * xq, dx = max|x| / 127) and each block's dot product is
+  an integer one (AVX2 maddubs), scaled by scale * dx. The weights stream once. The price
+  is the activation rounding, at most dx/2 per element, so
   |y - x @ W.T| <= sum_k |W[n, k]| * dx(k) / 2 (tests/test_quant.py checks this bound).
   For Gaussian x that is ~0.5% relative RMS error: about int8 weight rounding's (~0.7%),
   far below 4-bit weights' (~8%).
-* C++ kernels, ``LARGE_T`` rows or more (prefill): row tiles of W dequantized to float32
-  by C++, then BLAS: compute-bound, same result as the reference up to float rounding.
-* No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): the same tiles
-  dequantized by PyTorch.
+* C++ kernels, inside ``exact_activations()`` (prompt tokens): blocks of W's rows
+  dequantized to float32 (bit-exact) in a thread's buffer and multiplied by the float32
+  activations with the batch-invariant kernel of matmul_cpu.cpp.
+* No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): tiles of W dequantized by
+  PyTorch, then BLAS (this fallback is not batch-invariant: BLAS picks kernels by shape).
 """
 from __future__ import annotations
 
@@ -50,10 +52,6 @@ import torch.nn.functional as F
 
 from miaotui import kernels
 
-# From this many rows of x on, dequantize + BLAS beats the int kernel (python -m
-# miaotui.bench.kernels --all-paths: on TinyLlama's shapes the int kernel is ~2x faster at
-# 16 rows, ~1.1x at 64, and BLAS ~1.4x faster at 512; SmolLM2's small ones cross at ~32).
-LARGE_T = 64
 _TILE_BYTES = 16 << 20  # float32 weight rows dequantized at a time on the BLAS path
 _EMPTY = torch.empty(0)
 _mode = threading.local()
@@ -61,11 +59,11 @@ _mode = threading.local()
 
 @contextmanager
 def exact_activations(on: bool = True):
-    """Within this block, matmuls keep activations in float32 (dequantize + BLAS).
+    """Within this block, matmuls keep activations in float32.
 
-    The model runner uses it for steps that prefill a prompt: int8 activations (what
-    llama.cpp does, and what the decode kernel does) cost SmolLM2-135M its answer to "What is
-    the capital of France?" when applied to the prompt, while decode tolerates them.
+    The model runner uses it for prompt tokens: int8 activations (what llama.cpp does, and
+    what the decode kernel does) cost SmolLM2-135M its answer to "What is the capital of
+    France?" when applied to the prompt, while decode tolerates them.
     """
     prev = getattr(_mode, "exact", False)
     _mode.exact = on
@@ -136,10 +134,10 @@ class QuantWeight:
         k = kernels.load()
         if k is None:
             y = self._matmul_tiles(x, self._dequant_rows)
-        elif x.shape[0] < LARGE_T and not getattr(_mode, "exact", False):
-            y = self._matmul_int8(k, x)
+        elif getattr(_mode, "exact", False):
+            y = k.qf32_matmul(x, *self._kernel_args())
         else:
-            y = self._matmul_tiles(x, lambda n0, n1: k.dequant(*self._kernel_args(), n0, n1))
+            y = self._matmul_int8(k, x)
         return y.view(*lead, self.out_features)
 
     def _kernel_args(self) -> tuple:

@@ -1,0 +1,168 @@
+// Float32 matmuls whose every output is computed the same way whatever the batch.
+//
+// y[t, n] = x[t] . W[n] is one chain of eight-lane FMAs over k (k = 0, 8, 16, ...; a
+// masked tail), then a fixed horizontal sum. Tiles of several rows of x and of W only run
+// several such chains side by side (for the FMA units' latency); no tile changes the order
+// of any one chain, threads split the rows of W (and of x), never k. So a row's result
+// does not depend on how many other rows share the call, where they sit in it, or on the
+// thread count: the property the engine's batch invariance rests on (vLLM's
+// batch-invariant mode and the "defeating nondeterminism" work get it on GPUs by fixing
+// the reduction split; BLAS gives no such promise, MKL picks kernels by shape).
+//
+// The same code serves float32 weights (rows read in place) and quantized ones with
+// float32 activations (prefill's exact path: a block of rows dequantized to float32 in a
+// thread's buffer, bit-exact with QuantWeight.dequantize, then the same tiles).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "quant_cpu.h"
+
+namespace miaotui {
+namespace {
+
+// Lanes below `count` (1..7) set: the mask of a row's last, partial eight.
+inline __m256i tail_mask(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// TM rows of x against TN rows of W over all K; y[i, j] at y + i * ldy + j.
+template <int TM, int TN>
+inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y,
+                 int64_t ldy) {
+  __m256 acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t full = K / 8 * 8;
+  for (int64_t k = 0; k < full; k += 8) {
+    __m256 xv[TM];
+    for (int i = 0; i < TM; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < TN; ++j) {
+      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+      for (int i = 0; i < TM; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  if (full < K) {  // masked loads read nothing past the row
+    const __m256i m = tail_mask(K - full);
+    for (int j = 0; j < TN; ++j) {
+      const __m256 wv = _mm256_maskload_ps(w + j * ldw + full, m);
+      for (int i = 0; i < TM; ++i)
+        acc[i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(x + i * ldx + full, m), wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+// Tiles of up to TM rows of x by TN rows of W, edges included.
+template <int TM, int TN>
+inline void tiles_tn(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t N,
+                     float* y, int64_t ldy) {
+  int64_t n = 0;
+  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  const float* wr = w + n * ldw;
+  switch (N - n) {
+    case 0: break;
+    case 1: tile<TM, 1>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 2: tile<TM, 2>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 3: tile<TM, 3>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 4: tile<TM, 4>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 5: tile<TM, 5>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 6: tile<TM, 6>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    default: tile<TM, 7>(x, ldx, wr, ldw, K, y + n, ldy); break;
+  }
+}
+
+// All T rows of x against N rows of W (a block that stays in L2): three rows of x by four
+// of W (12 chains), a lone row by eight.
+void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
+                int64_t N, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 3 <= T; t += 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+  if (T - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+  if (T - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+}
+
+// Rows of W per job: about 192 KB of float32 weights, a multiple of 8.
+int64_t block_rows(int64_t K) { return std::clamp<int64_t>((192 << 10) / (4 * K) / 8 * 8, 8, 256); }
+
+// Jobs over blocks of W's rows and, when those are few, over runs of x's rows too (a
+// multiple of 3, so tiles fall the same way). f(t0, t1, n0, n1) does one job.
+template <typename F>
+void split(int64_t T, int64_t N, int64_t nb, const F& f) {
+  const int64_t nblocks = (N + nb - 1) / nb, want = 4 * kernel_threads();
+  int64_t tb = T;
+  if (nblocks < want && T >= 6) tb = std::max<int64_t>(3, (T * nblocks / want + 2) / 3 * 3);
+  const int64_t tblocks = (T + tb - 1) / tb;
+  parallel_rows(nblocks * tblocks, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = (j / tblocks) * nb, t0 = (j % tblocks) * tb;
+      f(t0, std::min(T, t0 + tb), n0, std::min(N, n0 + nb));
+    }
+  });
+}
+
+}  // namespace
+
+void f32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
+                     int64_t N, float* y, int64_t ldy) {
+  if (T == 0 || N == 0) return;
+  split(T, N, block_rows(K), [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+    rows_block(x + t0 * ldx, ldx, t1 - t0, K, w + n0 * ldw, ldw, n1 - n0, y + t0 * ldy + n0, ldy);
+  });
+}
+
+void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y,
+                      int64_t ldy) {
+  TORCH_CHECK(K <= w.K, "x is wider than the weight");
+  if (T == 0 || w.N == 0) return;
+  split(T, w.N, block_rows(w.K), [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+    thread_local std::vector<float> buf;
+    buf.resize((n1 - n0) * w.K);
+    for (int64_t n = n0; n < n1; ++n) dequant_row(w, n, buf.data() + (n - n0) * w.K);
+    rows_block(x + t0 * ldx, ldx, t1 - t0, K, buf.data(), w.K, n1 - n0, y + t0 * ldy + n0, ldy);
+  });
+}
+
+namespace {
+
+at::Tensor check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "x must be float32 [T, K] with contiguous rows");
+  return x;
+}
+
+// y = x @ W.T for float32 W [N, K].
+at::Tensor f32_matmul(const at::Tensor& x, const at::Tensor& w) {
+  check_x(x);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1),
+              "w must be float32 [N, K] with contiguous rows");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  f32_matmul_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(),
+                  w.stride(0), w.size(0), y.data_ptr<float>(), w.size(0));
+  return y;
+}
+
+// y = x @ dequantize(W).T for a quantized W, activations kept float32.
+at::Tensor qf32_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const at::Tensor& min, int64_t block, int64_t bits, double offset) {
+  check_x(x);
+  const Weights w = describe(q, scale, min, block, bits, offset);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  qf32_matmul_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w, y.data_ptr<float>(), w.N);
+  return y;
+}
+
+}  // namespace
+
+void register_matmul(pybind11::module& m) {
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("f32_matmul", &f32_matmul, "x @ W.T, float32, batch-invariant", no_gil());
+  m.def("qf32_matmul", &qf32_matmul, "x @ dequantize(W).T, float32 activations, batch-invariant", no_gil());
+}
+
+}  // namespace miaotui

@@ -1,0 +1,102 @@
+"""The batch-invariant kernels (kernels/matmul_cpu.cpp, paged attention in decode_cpu.cpp):
+right against PyTorch, and a row's result bit-identical however many rows share the call."""
+import pytest
+import torch
+
+from miaotui import kernels
+from miaotui.layers import quant as Q
+
+SPLITS = [(0, 1), (3, 4), (2, 9), (5, 17), (0, 2), (7, 40)]
+
+
+@pytest.fixture(scope="module")
+def k():
+    mod = kernels.load()
+    if mod is None:
+        pytest.skip("C++ kernels unavailable")
+    return mod
+
+
+def _invariant(f, x):
+    """f(x) row by row equals f over any slice of rows, bit for bit."""
+    y = f(x)
+    for i, j in SPLITS:
+        assert torch.equal(f(x[i:j].contiguous()), y[i:j]), (i, j)
+    return y
+
+
+@pytest.mark.parametrize("K,N", [(576, 1536), (37, 50), (64, 7), (200, 9)])
+def test_f32_matmul(k, K, N):
+    g = torch.Generator().manual_seed(K)
+    x, w = torch.randn(40, K, generator=g), torch.randn(N, K, generator=g)
+    y = _invariant(lambda a: k.f32_matmul(a, w), x)
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_f32_matmul_thread_count(k, threads):
+    x, w = torch.randn(40, 96), torch.randn(300, 96)
+    k.set_threads(1)
+    one = k.f32_matmul(x, w)
+    k.set_threads(threads)
+    try:
+        assert torch.equal(k.f32_matmul(x, w), one)
+    finally:
+        k.set_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("w", [Q.quantize_int4(torch.randn(300, 576), 32, False),
+                               Q.quantize_int4(torch.randn(40, 128), 64, True),
+                               Q.quantize_int8(torch.randn(70, 100))], ids=["int4g32", "int4g64sym", "int8odd"])
+def test_quantized_matmuls(k, w):
+    x = torch.randn(40, w.in_features)
+    exact = _invariant(lambda a: k.qf32_matmul(a, *w._kernel_args()), x)
+    torch.testing.assert_close(exact, x @ w.dequantize().T, rtol=1e-5, atol=1e-4)
+    xp = torch.nn.functional.pad(x, (0, w.padded_in - w.in_features))
+    _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), xp)  # decode: int8 activations
+
+
+def _reference_attention(q, kc, vc, tables, seq, pos, bs, window, scale):
+    out = []
+    for t in range(q.shape[0]):
+        p = int(pos[t])
+        lo = max(0, p - window + 1) if window else 0
+        ps = torch.arange(lo, p + 1)
+        slots = tables[seq[t], ps // bs] * bs + ps % bs
+        kk, vv = kc[slots].float(), vc[slots].float()          # [L, KVH, D]
+        g = q.shape[1] // kc.shape[1]
+        kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        s = torch.einsum("hd,lhd->hl", q[t], kk) * scale
+        out.append(torch.einsum("hl,lhd->hd", s.softmax(-1), vv).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 0), (torch.float16, 0), (torch.float32, 20)])
+def test_paged_attention(k, dtype, window):
+    g = torch.Generator().manual_seed(1)
+    bs, nblk, H, KVH, D = 16, 20, 6, 2, 32
+    kc = torch.randn(64 * bs, KVH, D, generator=g).to(dtype)
+    vc = torch.randn(64 * bs, KVH, D, generator=g).to(dtype)
+    tables = torch.stack([torch.randperm(64, generator=g)[:nblk] for _ in range(3)])
+    pos = torch.tensor([0, 1, 15, 16, 63, 64, 65, 130, 200, 317, 5, 70])
+    seq = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 2, 1])
+    q = torch.randn(len(pos), H, D, generator=g)
+    scale = D ** -0.5
+    f = lambda i, j: k.paged_attention(q[i:j].contiguous(), kc, vc, None, None, tables, seq[i:j].contiguous(),  # noqa: E731
+                                       pos[i:j].contiguous(), bs, window, scale)
+    y = f(0, len(pos))
+    torch.testing.assert_close(y, _reference_attention(q, kc, vc, tables, seq, pos, bs, window, scale),
+                               rtol=1e-4, atol=1e-5)
+    for t in range(len(pos)):  # each token alone
+        assert torch.equal(f(t, t + 1), y[t:t + 1])
+
+
+def test_paged_attention_checks_its_metadata(k):
+    kc = torch.zeros(32, 1, 8)
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="block"):
+        k.paged_attention(q, kc, kc, None, None, torch.tensor([[5]]), torch.tensor([0]), torch.tensor([3]),
+                          16, 0, 1.0)
+    with pytest.raises(RuntimeError, match="position"):
+        k.paged_attention(q, kc, kc, None, None, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([16]),
+                          16, 0, 1.0)
