@@ -269,7 +269,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backend", choices=["miaotui", "transformers", "both"], default="miaotui")
     p.add_argument("--hf-batch-size", type=int, default=8, help="transformers: prompts per generate call")
     _output_args(p)
-    p.set_defaults(func=cmd_throughput)
+    # batch as before (results/ compare against these), not the smaller API default
+    p.set_defaults(func=cmd_throughput, max_num_seqs=64, kv_cache_memory=float(1 << 30))
 
     p = sub.add_parser("serve", help="drive an OpenAI-compatible server (streaming completions)")
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
