@@ -230,7 +230,7 @@ def cmd_perplexity(args) -> None:
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     window = min(args.window, engine.max_model_len)
-    res = perplexity(engine, ids, window, min(args.stride or window // 2, window))
+    res = perplexity(engine, ids, window, min(args.stride or window // 2, window), progress=True)
     print(f"perplexity {res['perplexity']:.3f} over {res['scored_tokens']} tokens "
           f"({res['windows']} windows of {window}, {res['seconds']:.1f} s, {res['tok_s']:.0f} tok/s)")
     cfg = {**_config(args), "model_path": engine.model_path, "window": window}
