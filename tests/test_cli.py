@@ -118,3 +118,25 @@ def test_chat_template_option_reaches_the_tokenizer(ran, tmp_path):
     template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     s = ran("hello", "--chat-template", str(template))
     assert s["prompt"] == s["llm"].tokenizer.encode("[hello]", add_special_tokens=False)
+
+
+def test_readme_commands_parse_and_the_chat_example_is_complete():
+    """The README's commands are today's CLI, its first one relies on the default chat
+    template, and its LLM.chat example passes max_tokens (the API default, 16 as in vLLM,
+    cut the answer mid-sentence)."""
+    import re
+    import shlex
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    first = re.search(r"```bash\n(.*?)\n```", text, re.S).group(1)
+    assert first.endswith('miaotui generate "What is the capital of France?"')
+    parser = cli.build_parser()
+    block = text.split("### Command line", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    for line in [first.split("&& ")[1]] + block.splitlines():
+        argv = shlex.split(line.split("#")[0])[1:]
+        if not argv or argv[0] in ("bench", "estimate") or "|" in argv or "<" in argv:
+            continue
+        args = parser.parse_args(argv)
+        if hasattr(args, "prompt") and args.file is None:
+            assert args.prompt, line
+    chat = re.search(r"llm\.chat\((.*?)\)\n", text, re.S).group(1)
+    assert "max_tokens=" in chat
