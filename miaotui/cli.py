@@ -49,6 +49,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def at_least(lo: float, kind=int):
+    """An argparse type: a number of `kind` no smaller than `lo` (a one-line usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(text: str) -> float:
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive (got 0)")
+    return value
+
+
 DTYPE_CHOICES = ["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 KV_DTYPE_CHOICES = ["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "int8"]
 
@@ -59,31 +80,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weight dtype")
     g.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4", "gguf"],
                    help="none: dequantize GGUF; int8/int4: quantize at load (default: keep as stored)")
-    g.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    g.add_argument("--group-size", type=at_least(1), default=32, help="int4 group size")
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPE_CHOICES,
                    help="auto: the weights' compute dtype")
-    g.add_argument("--kv-cache-memory", type=float, default=None,
+    g.add_argument("--kv-cache-memory", type=positive, default=None,
                    help="KV cache size: bytes, or a fraction (< 1) of available memory (default: "
                         "room for max-num-seqs x max-model-len tokens, at most 1/4 of available)")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--max-model-len", type=at_least(1), default=None,
                    help="context window in tokens (default: the model's, at most 4096)")
-    g.add_argument("--max-num-seqs", type=int, default=None,
+    g.add_argument("--max-num-seqs", type=at_least(1), default=None,
                    help="sequences decoded together (default: 1 for generate and chat, else 4)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    g.add_argument("--max-num-batched-tokens", type=at_least(1), default=2048, help="tokens per engine step")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--threads", type=int, default=None, help="(default: all cores)")
+    g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
     g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
                    help="Jinja file, built-in name or template text (default: the model's own)")
 
 
 def check_model_args(args) -> None:
-    """Range checks of the model options, before anything is loaded."""
-    for name in ("group_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "threads"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise MiaotuiError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
-        raise MiaotuiError(f"--kv-cache-memory must be positive (got {args.kv_cache_memory:g})")
+    """What the argument types cannot check, before anything is loaded."""
     model = args.model or ""
     if ("/" in model or model.endswith(".gguf")) and not os.path.exists(model):
         raise MiaotuiError(f"model path not found: {model}")   # (bench shape names have no /)

@@ -36,11 +36,15 @@ def run_cli(*argv, stdin=None, timeout=60):
     (["generate", "hi", "--raw", "--system", "be brief"], "cannot go with --raw"),
     (["generate", "-f", "/nonexistent/prompt.txt"], "cannot read /nonexistent/prompt.txt"),
     (["generate", "hi", "--model", "/nonexistent/model.gguf"], "model path not found"),
-    (["generate", "hi", "--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
+    (["generate", "hi", "--max-num-seqs", "0"], "--max-num-seqs: must be at least 1"),
+    (["generate", "hi", "--max-model-len", "x"], "'x' is not an integer"),
+    (["bench", "latency", "--prompt-len", "0"], "--prompt-len: must be at least 1"),
+    (["perplexity", "--text", "t.txt", "--window", "1"], "--window: must be at least 2"),
+    (["estimate", "--batch", "-2"], "--batch: must be at least 1"),
     (["generate", "hi", "--dtype", "float8"], "invalid choice: 'float8'"),
     (["chat", "--top-k", "-3"], "--top-k: must be"),
     (["serve", "--temperature", "1"], "unrecognized arguments"),
-    (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory must be positive"),
+    (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory: must be"),
 ])
 def test_bad_arguments_fail_before_loading(argv, message):
     r, seconds = run_cli(*argv)
