@@ -215,10 +215,16 @@ def chat_prompt(llm, args, text: str):
     return llm.apply_chat_template(messages + [{"role": "user", "content": text}])
 
 
-def cmd_generate(args) -> None:
+def generation_params(args):
+    """sampling_params() for commands that exist to generate: --max-tokens 0 is refused."""
     params = sampling_params(args)
     if params.max_tokens == 0:
         raise MiaotuiError("--max-tokens 0 would generate nothing; give at least 1")
+    return params
+
+
+def cmd_generate(args) -> None:
+    params = generation_params(args)
     if args.raw and args.system:
         raise MiaotuiError("--system needs the chat template; it cannot go with --raw")
     text = read_prompt(args)
@@ -227,9 +233,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    params = sampling_params(args)
-    if params.max_tokens == 0:
-        raise MiaotuiError("--max-tokens 0 would generate nothing; give at least 1")
+    params = generation_params(args)
     llm = load_llm(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("[miaotui] chat: empty line or Ctrl-D to quit, /reset to clear history", file=sys.stderr)
