@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -13,36 +14,114 @@ from miaotui.config import MiaotuiError
 PLUGINS = ["miaotui.serve.cli", "miaotui.bench.cli", "miaotui.optimize.cli"]
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None/False ones and where the help says it."""
+
+    @staticmethod
+    def _no_default(action) -> bool:
+        d = action.default
+        return d is None or d is False or d is argparse.SUPPRESS
+
+    def add_argument(self, action):
+        if not action.help and action.option_strings and not self._no_default(action):
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if self._no_default(action) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command shows its defaults, accepts --debug, and reports a usage error in
+    one line (exit 2) instead of the usage block."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", Formatter)
+        super().__init__(*a, **kw)
+        if "--debug" not in self._option_string_actions:
+            self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                              help="show tracebacks")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def at_least(lo: float, kind=int):
+    """An argparse type: a number of `kind` no smaller than `lo` (a one-line usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def positive(text: str) -> float:
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive (got 0)")
+    return value
+
+
+DTYPE_CHOICES = ["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
+KV_DTYPE_CHOICES = ["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "int8"]
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--quantization", "-q", default=None,
-                   help="none (dequantize GGUF) | int8 | int4 (default: keep as stored)")
-    g.add_argument("--group-size", type=int, default=32, help="int4 group size")
-    g.add_argument("--kv-cache-dtype", default="auto", help="auto (the weights' compute dtype) | fp16 | int8")
-    g.add_argument("--kv-cache-memory", type=float, default=1 << 30, help="bytes, or a fraction of free memory")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="weight dtype")
+    g.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4", "gguf"],
+                   help="none: dequantize GGUF; int8/int4: quantize at load (default: keep as stored)")
+    g.add_argument("--group-size", type=at_least(1), default=32, help="int4 group size")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_DTYPE_CHOICES,
+                   help="auto: the weights' compute dtype")
+    g.add_argument("--kv-cache-memory", type=positive, default=None,
+                   help="KV cache size: bytes, or a fraction (< 1) of available memory (default: "
+                        "room for max-num-seqs x max-model-len tokens, at most 1/4 of available)")
+    g.add_argument("--max-model-len", type=at_least(1), default=None,
+                   help="context window in tokens (default: the model's, at most 4096)")
+    g.add_argument("--max-num-seqs", type=at_least(1), default=None,
+                   help="sequences decoded together (default: 1 for generate and chat, else 4)")
+    g.add_argument("--max-num-batched-tokens", type=at_least(1), default=2048, help="tokens per engine step")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
+    g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
+                   help="Jinja file, built-in name or template text (default: the model's own)")
+
+
+def check_model_args(args) -> None:
+    """What the argument types cannot check, before anything is loaded."""
+    model = args.model or ""
+    if ("/" in model or model.endswith(".gguf")) and not os.path.exists(model):
+        raise MiaotuiError(f"model path not found: {model}")   # (bench shape names have no /)
 
 
 def engine_kwargs(args) -> dict:
-    return dict(dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
-                kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
-                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+    kw = dict(dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+    # unset: EngineConfig's defaults (sized from the model)
+    for name in ("kv_cache_memory", "max_num_seqs", "chat_template"):
+        if getattr(args, name, None) is not None:
+            kw[name] = getattr(args, name)
+    return kw
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", "-t", type=float, default=0.0)
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)
@@ -53,13 +132,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args):
-    from miaotui.sampling_params import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, seed=args.seed,
-                          stop=args.stop, ignore_eos=args.ignore_eos)
+    """The SamplingParams of the options; an out-of-range one is named as its flag."""
+    from miaotui.sampling_params import InvalidParams, SamplingParams
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty,
+                              presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed,
+                              stop=args.stop, ignore_eos=args.ignore_eos)
+    except InvalidParams as e:
+        flag = "--" + e.param.replace("_", "-")
+        raise MiaotuiError(f"{flag}{str(e)[len(e.param):]}") from None
 
 
 def load_llm(args):
@@ -91,17 +175,66 @@ def stream_to_stdout(llm, prompt, params) -> None:
           f"generated {n_out} tok, decode {decode:.1f} tok/s", file=sys.stderr)
 
 
+def read_prompt(args) -> str:
+    """The prompt argument, `-` for standard input, or -f FILE (for prompts past the OS's
+    argument limit)."""
+    if args.file is not None and args.prompt is not None:
+        raise MiaotuiError("give the prompt as an argument or with -f FILE, not both")
+    try:
+        if args.file is not None:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        elif args.prompt == "-":
+            text = sys.stdin.read()
+        elif args.prompt is None:
+            raise MiaotuiError("no prompt: give one as an argument, - to read standard input, "
+                               "or -f FILE")
+        else:
+            text = args.prompt
+    except OSError as e:
+        raise MiaotuiError(f"cannot read {args.file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise MiaotuiError(f"the prompt is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise MiaotuiError("the prompt is empty")
+    return text
+
+
+def chat_prompt(llm, args, text: str):
+    """The prompt to run: the model's chat template around `text` (with --system), or the
+    text itself with --raw or when the model has no template."""
+    if args.raw:
+        return text
+    if not llm.tokenizer.chat_template:
+        if args.system:
+            raise MiaotuiError("--system needs a chat template, and this model has none "
+                               "(give one with --chat-template)")
+        print("[miaotui] the model has no chat template: plain completion", file=sys.stderr)
+        return text
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    return llm.apply_chat_template(messages + [{"role": "user", "content": text}])
+
+
+def generation_params(args):
+    """sampling_params() for commands that exist to generate: --max-tokens 0 is refused."""
+    params = sampling_params(args)
+    if params.max_tokens == 0:
+        raise MiaotuiError("--max-tokens 0 would generate nothing; give at least 1")
+    return params
+
+
 def cmd_generate(args) -> None:
+    params = generation_params(args)
+    if args.raw and args.system:
+        raise MiaotuiError("--system needs the chat template; it cannot go with --raw")
+    text = read_prompt(args)
     llm = load_llm(args)
-    prompt = args.prompt
-    if args.chat_template:
-        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
-    stream_to_stdout(llm, prompt, sampling_params(args))
+    stream_to_stdout(llm, chat_prompt(llm, args, text), params)
 
 
 def cmd_chat(args) -> None:
+    params = generation_params(args)
     llm = load_llm(args)
-    params = sampling_params(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("[miaotui] chat: empty line or Ctrl-D to quit, /reset to clear history", file=sys.stderr)
     while True:
@@ -125,21 +258,31 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def version() -> str:
+    from miaotui import __version__
+    return f"miaotui {__version__} (Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miaotui", description="秒推: fast LLM inference")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = Parser(prog="miaotui", description="秒推: fast LLM inference")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="complete a prompt (streamed)")
-    p.add_argument("prompt")
-    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
+    p = sub.add_parser("generate", help="answer a prompt (streamed), in the model's chat template",
+                       description="Answer one prompt, streamed to stdout. The prompt goes through "
+                                   "the model's chat template, as one user turn, unless --raw.")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt; - reads standard input")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from this UTF-8 file")
+    p.add_argument("--raw", action="store_true",
+                   help="plain completion of the prompt text, no chat template")
+    p.add_argument("--system", default=None, help="system prompt (chat template only)")
     add_model_args(p)
     add_sampling_args(p)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, max_num_seqs=1)   # one conversation: KV for one sequence
     p = sub.add_parser("chat", help="interactive chat with history")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_args(p)
     add_sampling_args(p)
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=cmd_chat, max_num_seqs=1)
     for name in PLUGINS:
         try:
             mod = importlib.import_module(name)
@@ -156,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
+        if hasattr(args, "kv_cache_memory"):      # every command with model options
+            check_model_args(args)
+        if hasattr(args, "top_p"):                # every command with sampling options
+            sampling_params(args)
         args.func(args)
         return 0
     except MiaotuiError as e:

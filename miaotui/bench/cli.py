@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from miaotui.cli import at_least, positive
 from miaotui.config import MiaotuiError
 
 
@@ -230,7 +231,7 @@ def cmd_perplexity(args) -> None:
     if args.max_tokens:
         ids = ids[:args.max_tokens]
     window = min(args.window, engine.max_model_len)
-    res = perplexity(engine, ids, window, min(args.stride or window // 2, window))
+    res = perplexity(engine, ids, window, min(args.stride or window // 2, window), progress=True)
     print(f"perplexity {res['perplexity']:.3f} over {res['scored_tokens']} tokens "
           f"({res['windows']} windows of {window}, {res['seconds']:.1f} s, {res['tok_s']:.0f} tok/s)")
     cfg = {**_config(args), "model_path": engine.model_path, "window": window}
@@ -240,11 +241,11 @@ def cmd_perplexity(args) -> None:
 
 # ---- registration -----------------------------------------------------------------------
 def _length_args(p: argparse.ArgumentParser, n: int, inp: str, out: str) -> None:
-    p.add_argument("--num-prompts", "-n", type=int, default=n)
+    p.add_argument("--num-prompts", "-n", type=at_least(1), default=n)
     p.add_argument("--input-len", default=inp, help="prompt tokens: N or LO-HI (uniform)")
     p.add_argument("--output-len", default=out, help="output tokens: N or LO-HI (uniform)")
     p.add_argument("--dataset", default=None, help="ShareGPT JSON file instead of random lengths")
-    p.add_argument("--max-len", type=int, default=2048, help="ShareGPT: skip longer prompt+reply")
+    p.add_argument("--max-len", type=at_least(2), default=2048, help="ShareGPT: skip longer prompt+reply")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -255,10 +256,10 @@ def add_parser(subparsers) -> None:
 
     p = sub.add_parser("latency", help="one request at a time: TTFT, TPOT, e2e")
     cli.add_model_args(p)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prompt-len", type=at_least(1), default=128)
+    p.add_argument("--output-len", type=at_least(1), default=128)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--seed", type=int, default=0)
     _output_args(p)
     p.set_defaults(func=cmd_latency)
@@ -267,9 +268,10 @@ def add_parser(subparsers) -> None:
     cli.add_model_args(p)
     _length_args(p, 64, "32-512", "32-256")
     p.add_argument("--backend", choices=["miaotui", "transformers", "both"], default="miaotui")
-    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers: prompts per generate call")
+    p.add_argument("--hf-batch-size", type=at_least(1), default=8, help="transformers: prompts per generate call")
     _output_args(p)
-    p.set_defaults(func=cmd_throughput)
+    # batch as before (results/ compare against these), not the smaller API default
+    p.set_defaults(func=cmd_throughput, max_num_seqs=64, kv_cache_memory=float(1 << 30))
 
     p = sub.add_parser("serve", help="drive an OpenAI-compatible server (streaming completions)")
     p.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
@@ -278,10 +280,10 @@ def add_parser(subparsers) -> None:
     _length_args(p, 32, "128", "64")
     p.add_argument("--concurrency", default="1,4", help="comma-separated levels (default 1,4)")
     p.add_argument("--request-rate", default=None, help="Poisson rates in req/s instead, comma-separated")
-    p.add_argument("--max-duration", type=float, default=120.0, help="stop starting requests after this (s)")
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
-    p.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO on TTFT (ms)")
-    p.add_argument("--slo-tpot", type=float, default=None, help="goodput SLO on TPOT (ms)")
+    p.add_argument("--max-duration", type=positive, default=120.0, help="stop starting requests after this (s)")
+    p.add_argument("--timeout", type=positive, default=300.0, help="per-request timeout (s)")
+    p.add_argument("--slo-ttft", type=positive, default=None, help="goodput SLO on TTFT (ms)")
+    p.add_argument("--slo-tpot", type=positive, default=None, help="goodput SLO on TPOT (ms)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS")
     _output_args(p, roofline=False)
     p.set_defaults(func=cmd_serve)
@@ -293,10 +295,10 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("estimate", help="roofline: FLOPs, bytes, predicted speed, memory")
     cli.add_model_args(p)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--context", type=int, default=None, help="decode context (default prompt + output/2)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompt-len", type=at_least(1), default=512)
+    p.add_argument("--output-len", type=at_least(1), default=128)
+    p.add_argument("--context", type=at_least(1), default=None, help="decode context (default prompt + output/2)")
+    p.add_argument("--batch", type=at_least(1), default=32)
     p.add_argument("--memory-budget", default=None, help="e.g. 8G (default: available memory)")
     p.add_argument("--calibrate", action="store_true", help="re-measure this machine first")
     p.add_argument("--output", "-o", default=None)
@@ -305,8 +307,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("perplexity", help="sliding-window perplexity of a text file")
     cli.add_model_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--stride", type=int, default=None, help="default: window / 2")
+    p.add_argument("--max-tokens", type=at_least(2), default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=at_least(2), default=1024)
+    p.add_argument("--stride", type=at_least(1), default=None, help="default: window / 2")
     p.add_argument("--output", "-o", default=None)
     p.set_defaults(func=cmd_perplexity)

@@ -9,6 +9,7 @@ context and is skipped). Perplexity = exp(mean negative log-likelihood).
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 from miaotui.sampling_params import SamplingParams
@@ -30,9 +31,11 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def perplexity(engine, ids: list[int], window: int = 1024, stride: int = 512) -> dict:
+def perplexity(engine, ids: list[int], window: int = 1024, stride: int = 512,
+               progress: bool = False) -> dict:
     """Perplexity of token ids under the engine's model. All windows go in as one batch
-    of scoring requests (max_tokens=0, prompt_logprobs=0)."""
+    of scoring requests (max_tokens=0, prompt_logprobs=0). `progress`: a bar of the tokens
+    computed, on stderr (a long text takes minutes)."""
     if getattr(engine.config, "enable_prefix_caching", False):
         raise ValueError("perplexity needs an engine without prefix caching (cached tokens are not scored)")
     wins = windows(len(ids), window, stride)
@@ -43,10 +46,18 @@ def perplexity(engine, ids: list[int], window: int = 1024, stride: int = 512) ->
     for i, (b, e, _) in enumerate(wins):
         engine.add_request(f"ppl-{i}", ids[b:e], params)
     logprobs = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                logprobs[out.request_id] = out.prompt_logprobs
+    from tqdm import tqdm
+    bar = tqdm(total=sum(e - b for b, e, _ in wins), desc="perplexity", unit="tok",
+               file=sys.stderr, disable=not progress, mininterval=0.5 if sys.stderr.isatty() else 5)
+    done = engine.stats["computed_prefill_tokens"]
+    with bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    logprobs[out.request_id] = out.prompt_logprobs
+            now = engine.stats["computed_prefill_tokens"]
+            bar.update(now - done)
+            done = now
     nll, count = 0.0, 0
     for i, (b, e, scored) in enumerate(wins):
         lps = logprobs[f"ppl-{i}"]

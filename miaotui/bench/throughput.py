@@ -76,8 +76,12 @@ def bench_engine(engine, requests, machine: roofline.Machine | None = None) -> t
     roof = {}
     if machine is not None:
         cost = roofline.engine_cost_model(engine)
-        pred = roofline.predict_workload(cost, machine, [(len(r.prompt_ids), r.output_len) for r in requests],
-                                         engine.config.max_num_seqs)
+        shapes = [(len(r.prompt_ids), r.output_len) for r in requests]
+
+        def predict(m):
+            return roofline.predict_workload(cost, m, shapes, engine.config.max_num_seqs)
+        roofline.reconcile(machine, lambda m: predict(m)["time"], run["elapsed_s"])  # never > 100%
+        pred = predict(machine)
         total = roofline.Cost(pred["flops"], pred["bytes"])
         roof["workload"] = roofline.fraction_report("workload", pred["time"], run["elapsed_s"], total, machine)
         roof["workload"].update(prefill_s=pred["prefill_time"], decode_s=pred["decode_time"])

@@ -22,6 +22,8 @@ from miaotui.sampling_params import SamplingParams
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_MAX_MODEL_LEN = 4096   # as llama.cpp's default context; a 32k-context model would
+DEFAULT_KV_FRACTION = 0.25     # otherwise reserve ~1 GB of KV per sequence
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32": torch.float32,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -33,11 +35,15 @@ class EngineConfig:
     quantization: str | None = None      # None (as stored) | "none" | "int8" | "int4"
     group_size: int = 32
     kv_cache_dtype: str = "auto"         # "auto" (= model dtype) | "int8"
-    kv_cache_memory: float = 1 << 30     # bytes, or a fraction (< 1) of available memory
+    # The KV pool. None: room for max_num_seqs sequences of max_model_len tokens each, at most
+    # DEFAULT_KV_FRACTION of available memory. Given: exactly this many bytes, or this
+    # fraction (< 1) of available memory.
+    kv_cache_memory: float | None = None
     block_size: int = 16
-    max_num_seqs: int = 64
+    max_num_seqs: int = 4                # CLI generate/chat: 1
     max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
+    max_model_len: int | None = None     # None: the model's, at most DEFAULT_MAX_MODEL_LEN
+    chat_template: str | None = None     # None: the model's own; else a Jinja file or template text
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     progress: bool = False
@@ -76,6 +82,41 @@ class _Request:
         self.first_token_time: float | None = None
 
 
+def kv_pool_blocks(config: EngineConfig, max_model_len: int, per_token: int) -> int:
+    """KV blocks to allocate: kv_cache_memory's worth when given, else enough for
+    max_num_seqs sequences of max_model_len tokens (as llama.cpp sizes its context from
+    n_ctx), at most DEFAULT_KV_FRACTION of available memory."""
+    block_bytes = per_token * config.block_size
+    budget = config.kv_cache_memory
+    if budget is not None:
+        if budget < 1:
+            import psutil
+            budget = budget * psutil.virtual_memory().available
+        return int(budget // block_bytes)
+    import psutil
+    want = config.max_num_seqs * -(-max_model_len // config.block_size)
+    cap = int(DEFAULT_KV_FRACTION * psutil.virtual_memory().available // block_bytes)
+    return max(1, min(want, cap))
+
+
+def _with_chat_template(load_tokenizer, ckpt, chat_template: str | None):
+    """The tokenizer, with `chat_template` in place of the model's when given. (Minimal:
+    the tokenizer's own chat_template= argument, once it has one, resolves names too.)"""
+    import inspect
+    if chat_template is None:
+        return load_tokenizer(ckpt)
+    if "chat_template" in inspect.signature(load_tokenizer).parameters:
+        return load_tokenizer(ckpt, chat_template=chat_template)
+    tok = load_tokenizer(ckpt)
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    elif "{{" not in chat_template and "{%" not in chat_template:
+        raise MiaotuiError(f"chat template {chat_template!r} is neither a file nor Jinja text")
+    tok.chat_template, tok._template = chat_template, None
+    return tok
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from miaotui.loader import build_model, load_tokenizer, open_checkpoint
@@ -90,20 +131,17 @@ class LLMEngine:
         ckpt = open_checkpoint(config.model)
         self.model_path = ckpt.path
         self.model_config = cfg = ckpt.config
-        self.tokenizer = load_tokenizer(ckpt)
+        self.tokenizer = _with_chat_template(load_tokenizer, ckpt, config.chat_template)
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
         self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+        del ckpt   # unmap the checkpoint file before the KV pool is allocated: a lower peak
+        self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  cfg.max_position_embeddings)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         kv_dtype = KV_DTYPES[config.kv_cache_dtype] or (dtype if dtype != torch.bfloat16 else torch.float32)
         per_token = ModelRunner.kv_bytes_per_token(cfg, kv_dtype)
-        budget = config.kv_cache_memory
-        if budget < 1:
-            import psutil
-            budget = budget * psutil.virtual_memory().available
-        num_blocks = int(budget // (per_token * config.block_size))
+        num_blocks = kv_pool_blocks(config, self.max_model_len, per_token)
         if num_blocks < 1:
             raise MiaotuiError(f"kv_cache_memory {config.kv_cache_memory} is too small for one block")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
