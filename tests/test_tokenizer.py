@@ -22,7 +22,8 @@ from tokenizers import pre_tokenizers
 
 from miaotui.config import MiaotuiError
 from miaotui.loader.gguf_loader import read_gguf_metadata
-from miaotui.loader.tokenizer import IncrementalDetokenizer, Tokenizer, gguf_pre_tokenizers
+from miaotui.loader.tokenizer import (IncrementalDetokenizer, Tokenizer, builtin_chat_templates,
+                                     guess_chat_template, gguf_pre_tokenizers, load_chat_template)
 
 TEXTS = [
     "Hello, world! How are you doing today?",
@@ -305,6 +306,97 @@ def test_gemma3_incremental_detokenizer(gemma3):
     deltas = [detok.add([i]) for i in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == gemma3.decode(ids, skip_special_tokens=True)
+
+
+# --- chat templates ---------------------------------------------------------------------------------
+# CHAT in each family's documented format (Meta's, Mistral's, Google's model cards).
+OFFICIAL_CHAT = {
+    "llama-2": "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! 你好 </s>"
+               "<s>[INST] Tell me a joke. [/INST]",
+    "mistral": "<s>[INST] You are terse.\n\nHi there [/INST]Hello! 你好</s>[INST] Tell me a joke. [/INST]",
+    "llama-3": "<s><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nHello! 你好<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nTell me a joke.<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "zephyr": "<|system|>\nYou are terse.</s>\n<|user|>\nHi there</s>\n<|assistant|>\nHello! 你好</s>\n"
+              "<|user|>\nTell me a joke.</s>\n<|assistant|>\n",
+    "gemma": "<s><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+             "Hello! 你好<end_of_turn>\n<start_of_turn>user\nTell me a joke.<end_of_turn>\n<start_of_turn>model\n",
+    "chatml": "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+              "<|im_start|>assistant\nHello! 你好<|im_end|>\n<|im_start|>user\nTell me a joke.<|im_end|>\n"
+              "<|im_start|>assistant\n",
+}
+
+
+def _tiny_spm(tmp_path) -> Tokenizer:
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", "h", "i"]
+    return Tokenizer.from_gguf(_tiny_gguf(tmp_path / "spm.gguf", "llama", tokens, [2, 3, 3, 6, 1, 1, 1]))
+
+
+def test_builtin_chat_templates(tmp_path):
+    tok = _tiny_spm(tmp_path)
+    assert set(OFFICIAL_CHAT) == set(builtin_chat_templates())
+    for name, expected in OFFICIAL_CHAT.items():
+        tok.set_chat_template(load_chat_template(name), f"built-in {name!r}")
+        assert tok.apply_chat_template(CHAT) == expected, name
+    tok.set_chat_template(load_chat_template("llama-2"))
+    with pytest.raises(MiaotuiError, match="alternate"):
+        tok.apply_chat_template(CHAT[1:2] * 2)  # llama-2 wants user/assistant turns in order
+    assert guess_chat_template(tok, "llama") == "llama-2"
+    assert guess_chat_template(tok, "gpt2") is None
+    assert guess_chat_template(tok, "gemma3") == "gemma"
+
+
+def test_load_chat_template(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m.role }}]{% endfor %}")
+    assert load_chat_template(str(path)) == path.read_text()
+    assert load_chat_template("{{ messages | length }}") == "{{ messages | length }}"
+    assert load_chat_template("chatml").startswith("{% for message in messages %}")
+    with pytest.raises(MiaotuiError, match="neither a file nor a built-in template.*chatml"):
+        load_chat_template("no-such-template")
+
+
+def test_chat_template_override(tmp_path):
+    """chat_template= replaces the model's own (SmolLM2's) and its turn ends stop generation."""
+    from miaotui.loader import load_tokenizer, open_checkpoint
+    if smollm2_path() is None:
+        pytest.skip("SmolLM2 GGUF not installed")
+    ckpt = open_checkpoint(smollm2_path())
+    own = load_tokenizer(ckpt)
+    assert own.chat_template_source == "the model's"
+    assert own.apply_chat_template(CHAT) == OFFICIAL_CHAT["chatml"]  # its template, given a system turn
+    path = tmp_path / "mine.jinja"
+    path.write_text("{% for m in messages %}<|user|>{{ m.content }}<|end|>{% endfor %}")
+    mine = load_tokenizer(ckpt, str(path))
+    assert mine.chat_template_source == str(path)
+    assert mine.apply_chat_template(CHAT[1:2]) == "<|user|>Hi there<|end|>"
+    gemma = load_tokenizer(ckpt, "gemma")
+    assert gemma.apply_chat_template(CHAT[1:2]).endswith("<start_of_turn>user\nHi there<end_of_turn>\n"
+                                                         "<start_of_turn>model\n")
+
+
+def test_gemma3_chat_with_builtin_template(caplog):
+    """The Gemma-3 GGUF has no chat template: LLM picks the built-in gemma one, says so, and chats."""
+    import logging
+
+    from miaotui import LLM, SamplingParams
+    path = gemma3_path()
+    if path is None:
+        pytest.skip("Gemma-3 GGUF not installed")
+    with caplog.at_level(logging.INFO, logger="miaotui"):
+        llm = LLM(path, kv_cache_memory=64 << 20, max_model_len=256)
+    assert "using the built-in 'gemma' template" in caplog.text
+    tok = llm.tokenizer
+    assert tok.chat_template_source == "built-in 'gemma'"
+    # Google's documented format (the system prompt opens the first user turn).
+    assert tok.apply_chat_template(CHAT) == OFFICIAL_CHAT["gemma"].replace("<s>", "<bos>")
+    ids = llm.apply_chat_template(CHAT[1:2])
+    assert ids[:2] == [tok.bos_token_id, tok.backend.token_to_id("<start_of_turn>")]  # one BOS
+    assert tok.backend.token_to_id("<end_of_turn>") in tok.eos_token_ids  # a turn's end stops it
+    out = llm.chat(CHAT[1:2], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.outputs[0].token_ids and out.prompt_token_ids == ids
 
 
 # --- llama.cpp's reference tokenizations ---------------------------------------------------------

@@ -41,6 +41,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     progress: bool = False
+    chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
 
 
 @dataclass
@@ -90,7 +91,7 @@ class LLMEngine:
         ckpt = open_checkpoint(config.model)
         self.model_path = ckpt.path
         self.model_config = cfg = ckpt.config
-        self.tokenizer = load_tokenizer(ckpt)
+        self.tokenizer = load_tokenizer(ckpt, config.chat_template)
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
         self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)

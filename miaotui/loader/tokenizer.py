@@ -6,6 +6,7 @@ which adds BOS/EOS handling, the end-of-sequence set used to stop generation, an
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from datetime import datetime
@@ -18,6 +19,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from miaotui.config import MiaotuiError
+
+log = logging.getLogger("miaotui")
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -231,6 +234,98 @@ def _dir_chat_template(path: str, config: dict) -> str | None:
     return _pick_template(from_json) or _pick_template(config.get("chat_template"))
 
 
+# --- built-in chat templates -----------------------------------------------------------------------
+# For model files that carry none (llama.cpp keeps such a list too, src/llama-chat.cpp). Each is
+# the model family's official Hugging Face template, shortened where it only formats tools.
+_ALTERNATE = ("{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+              "{% endif %}")
+_SYSTEM_FIRST = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                 "{% set loop_messages = messages[1:] %}{% else %}{% set system = '' %}"
+                 "{% set loop_messages = messages %}{% endif %}")
+_BUILTIN_CHAT_TEMPLATES = {
+    # SmolLM, Qwen2/3 and other ChatML models (no default system prompt).
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+               " + '<|im_end|>' + '\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # Gemma 2/3 (google/gemma-3-*-it): the system prompt opens the first user turn.
+    "gemma": ("{{ bos_token }}" + _SYSTEM_FIRST.replace("set system = messages[0]['content']",
+                                                        "set system = messages[0]['content'] + '\n\n'")
+              + "{% for message in loop_messages %}" + _ALTERNATE
+              + "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+              "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '') }}"
+              "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    # Llama 3.x Instruct.
+    "llama-3": ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role']"
+                " + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+                "{% endif %}"),
+    # Llama 2 Chat: <<SYS>> inside the first [INST], BOS before every user turn.
+    "llama-2": (_SYSTEM_FIRST + "{% for message in loop_messages %}" + _ALTERNATE
+                + "{% if loop.first and system %}{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n'"
+                " + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+                "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+                "{% else %}{{ ' ' + content | trim + ' ' + eos_token }}{% endif %}{% endfor %}"),
+    # Mistral Instruct v0.1-v0.3 ([INST] ... [/INST]; a system prompt opens the first user turn).
+    "mistral": ("{{ bos_token }}" + _SYSTEM_FIRST + "{% for message in loop_messages %}" + _ALTERNATE
+                + "{% if message['role'] == 'user' %}{{ '[INST] ' + (system + '\n\n' if loop.first and system"
+                " else '') + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
+                "{% endif %}{% endfor %}"),
+    # Zephyr / TinyLlama-Chat.
+    "zephyr": ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token"
+               " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+}
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of the built-in chat templates (for `chat_template=` / `--chat-template NAME`)."""
+    return sorted(_BUILTIN_CHAT_TEMPLATES)
+
+
+def builtin_chat_template(name: str) -> str:
+    """The Jinja source of a built-in chat template."""
+    if name not in _BUILTIN_CHAT_TEMPLATES:
+        raise MiaotuiError(f"unknown chat template {name!r} (built-in: {', '.join(builtin_chat_templates())})")
+    return _BUILTIN_CHAT_TEMPLATES[name]
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a Jinja file's path, a built-in name, or the template itself
+    (text containing '{{' or '{%'); returns its Jinja source."""
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MiaotuiError(f"cannot read chat template {value}: {exc}") from None
+    if value in _BUILTIN_CHAT_TEMPLATES:
+        return _BUILTIN_CHAT_TEMPLATES[value]
+    if "{{" in value or "{%" in value:
+        return value
+    raise MiaotuiError(f"chat template {value!r} is neither a file nor a built-in template "
+                       f"({', '.join(builtin_chat_templates())}) nor Jinja text")
+
+
+def guess_chat_template(tokenizer: "Tokenizer", architecture: str | None = None) -> str | None:
+    """The built-in template for a model file without one, from its special tokens and its
+    architecture (as llama.cpp guesses); None when nothing fits (GPT-2 has no chat format)."""
+    def has(*tokens):
+        return all(tokenizer.backend.token_to_id(t) is not None for t in tokens)
+    arch = (architecture or "").lower()
+    if has("<start_of_turn>", "<end_of_turn>") or arch.startswith("gemma"):
+        return "gemma"
+    if has("<|im_start|>", "<|im_end|>") or arch.startswith("qwen"):
+        return "chatml"
+    if has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        return "llama-3"
+    if has("[INST]", "[/INST]"):
+        return "mistral"
+    if arch in ("llama", "mistral") and tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>":
+        return "llama-2"  # a SentencePiece Llama; Llama 2 Chat's format is the usual one
+    return None
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """HF's `{% generation %}...{% endgeneration %}` marker, rendered as a plain block."""
     tags = {"generation"}
@@ -263,11 +358,19 @@ class Tokenizer:
         self.bos_token = backend.id_to_token(bos_token_id) if bos_token_id is not None else None
         self.eos_token = backend.id_to_token(eos_token_id) if eos_token_id is not None else None
         self.add_bos, self.add_eos = add_bos, add_eos
-        self.chat_template: str | None = chat_template or None
+        self.eos_token_ids: set[int] = {i for i in (eos_token_id, *extra_eos_ids) if i is not None}
+        self.chat_template: str | None = None
+        self.chat_template_source = "none"
+        self.set_chat_template(chat_template, "the model's")
+
+    def set_chat_template(self, template: str | None, source: str = "given") -> None:
+        """Use this Jinja chat template (None: none); the tokens it ends turns with stop generation.
+        `source` says where it came from (for messages): "the model's", "built-in 'gemma'", a path."""
+        self.chat_template = template or None
+        self.chat_template_source = source if template else "none"
         self._template = None
-        turn_ends = {backend.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (chat_template or "")}
-        eos = {eos_token_id, *extra_eos_ids, *turn_ends}
-        self.eos_token_ids: set[int] = {i for i in eos if i is not None}
+        turn_ends = {self.backend.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (template or "")}
+        self.eos_token_ids |= {i for i in turn_ends if i is not None}
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -349,7 +452,8 @@ class Tokenizer:
                             **kwargs) -> str:
         """Render a conversation to prompt text with the model's Jinja chat template."""
         if not self.chat_template:
-            raise MiaotuiError("this model has no chat template; use a plain prompt instead")
+            raise MiaotuiError("this model has no chat template; pass chat_template= (a Jinja file or one of "
+                               f"{', '.join(builtin_chat_templates())}) or use a plain prompt")
         try:
             if self._template is None:
                 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
