@@ -421,16 +421,22 @@ def _fetch_llama_vocab(dest: str) -> None:
         sdists = [f for f in os.listdir(tmp) if f.endswith(".tar.gz")]
         if proc.returncode != 0 or not sdists:
             raise RuntimeError(f"{' '.join(cmd[2:])} failed: {(proc.stderr or proc.stdout)[-800:]}")
-        part = dest + ".part"
+        part = f"{dest}.part{os.getpid()}"
         shutil.rmtree(part, ignore_errors=True)
         os.makedirs(part)
         with tarfile.open(os.path.join(tmp, sdists[0])) as tar:
             members = {m.name.split("/vendor/llama.cpp/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
             tested = [n[:-len(".inp")] for n in members if n.startswith("models/ggml-vocab-") and n.endswith(".inp")]
             for name in ["LICENSE", *(n + ext for n in tested for ext in ("", ".inp", ".out"))]:
-                with tar.extractfile(members[name]) as src, open(os.path.join(part, os.path.basename(name)), "wb") as out:
+                target = os.path.join(part, os.path.basename(name))
+                with tar.extractfile(members[name]) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out)
-        os.replace(part, dest)
+        try:
+            os.replace(part, dest)
+        except OSError:  # another test process got there first
+            shutil.rmtree(part, ignore_errors=True)
+            if not os.path.isdir(dest):
+                raise
 
 
 @pytest.fixture(scope="session")
