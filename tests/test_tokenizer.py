@@ -359,7 +359,7 @@ def test_load_chat_template(tmp_path):
 
 
 def test_chat_template_override(tmp_path):
-    """chat_template= replaces the model's own (SmolLM2's) and its turn ends stop generation."""
+    """chat_template= (a file, a built-in name) replaces the model's own (SmolLM2's)."""
     from miaotui.loader import load_tokenizer, open_checkpoint
     if smollm2_path() is None:
         pytest.skip("SmolLM2 GGUF not installed")

@@ -6,7 +6,6 @@ which adds BOS/EOS handling, the end-of-sequence set used to stop generation, an
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from datetime import datetime
@@ -19,8 +18,6 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from miaotui.config import MiaotuiError
-
-log = logging.getLogger("miaotui")
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -87,6 +84,8 @@ _PRE_ALIASES = {
     **dict.fromkeys(["phi-2", "mpt", "olmo", "jais", "exaone4", "gigachat", "a.x-4.0", "mellum"], "gpt-2"),
     **dict.fromkeys(["starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], "smollm"),
 }
+
+
 def gguf_pre_tokenizers() -> list[str]:
     """The tokenizer.ggml.pre values of byte-level GGUF vocabularies miaotui tokenizes."""
     return sorted([*_PRE_TOKENIZERS, *_PRE_ALIASES])
@@ -283,13 +282,6 @@ def builtin_chat_templates() -> list[str]:
     return sorted(_BUILTIN_CHAT_TEMPLATES)
 
 
-def builtin_chat_template(name: str) -> str:
-    """The Jinja source of a built-in chat template."""
-    if name not in _BUILTIN_CHAT_TEMPLATES:
-        raise MiaotuiError(f"unknown chat template {name!r} (built-in: {', '.join(builtin_chat_templates())})")
-    return _BUILTIN_CHAT_TEMPLATES[name]
-
-
 def load_chat_template(value: str) -> str:
     """A chat template given as a Jinja file's path, a built-in name, or the template itself
     (text containing '{{' or '{%'); returns its Jinja source."""
@@ -358,7 +350,8 @@ class Tokenizer:
         self.bos_token = backend.id_to_token(bos_token_id) if bos_token_id is not None else None
         self.eos_token = backend.id_to_token(eos_token_id) if eos_token_id is not None else None
         self.add_bos, self.add_eos = add_bos, add_eos
-        self.eos_token_ids: set[int] = {i for i in (eos_token_id, *extra_eos_ids) if i is not None}
+        self._eos_ids = {i for i in (eos_token_id, *extra_eos_ids) if i is not None}
+        self.eos_token_ids: set[int] = set(self._eos_ids)
         self.chat_template: str | None = None
         self.chat_template_source = "none"
         self.set_chat_template(chat_template, "the model's")
@@ -370,7 +363,7 @@ class Tokenizer:
         self.chat_template_source = source if template else "none"
         self._template = None
         turn_ends = {self.backend.token_to_id(t) for t in END_OF_TURN_TOKENS if t in (template or "")}
-        self.eos_token_ids |= {i for i in turn_ends if i is not None}
+        self.eos_token_ids = self._eos_ids | {i for i in turn_ends if i is not None}
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -417,7 +410,8 @@ class Tokenizer:
         build = _byte_level_backend if kind == "gpt2" else _sentencepiece_backend
         backend, spelled = build(reader, tokens, types)
         # llama.cpp's default when the file does not say (Llama 3 and Tekken vocabularies add BOS).
-        add_bos = kind == "llama" or _pre_name(_gguf_field(reader, "tokenizer.ggml.pre")) in ("llama-bpe", "tekken")
+        pre = _pre_name(_gguf_field(reader, "tokenizer.ggml.pre"))
+        add_bos = kind == "llama" or pre in ("llama-bpe", "tekken")
         # Control tokens stay whole and are special; user-defined ones stay whole but are text.
         unchanged = [(t, k) for t, s, k in zip(tokens, spelled, types) if t == s]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
