@@ -13,6 +13,10 @@ class LLM:
 
     >>> llm = LLM()                                   # the default SmolLM2-135M-Instruct
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+
+    Keyword arguments are EngineConfig's, e.g. ``chat_template=`` (a Jinja file, a built-in
+    name from ``miaotui.loader.tokenizer.builtin_chat_templates()``, or Jinja text) to replace
+    the model's chat template or supply one a model file lacks.
     """
 
     def __init__(self, model: str | None = None, **kwargs):

@@ -43,10 +43,10 @@ class EngineConfig:
     max_num_seqs: int = 4                # CLI generate/chat: 1
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None     # None: the model's, at most DEFAULT_MAX_MODEL_LEN
-    chat_template: str | None = None     # None: the model's own; else a Jinja file or template text
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     progress: bool = False
+    chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
 
 
 @dataclass
@@ -99,24 +99,6 @@ def kv_pool_blocks(config: EngineConfig, max_model_len: int, per_token: int) -> 
     return max(1, min(want, cap))
 
 
-def _with_chat_template(load_tokenizer, ckpt, chat_template: str | None):
-    """The tokenizer, with `chat_template` in place of the model's when given. (Minimal:
-    the tokenizer's own chat_template= argument, once it has one, resolves names too.)"""
-    import inspect
-    if chat_template is None:
-        return load_tokenizer(ckpt)
-    if "chat_template" in inspect.signature(load_tokenizer).parameters:
-        return load_tokenizer(ckpt, chat_template=chat_template)
-    tok = load_tokenizer(ckpt)
-    if os.path.isfile(chat_template):
-        with open(chat_template, encoding="utf-8") as f:
-            chat_template = f.read()
-    elif "{{" not in chat_template and "{%" not in chat_template:
-        raise MiaotuiError(f"chat template {chat_template!r} is neither a file nor Jinja text")
-    tok.chat_template, tok._template = chat_template, None
-    return tok
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from miaotui.loader import build_model, load_tokenizer, open_checkpoint
@@ -131,7 +113,7 @@ class LLMEngine:
         ckpt = open_checkpoint(config.model)
         self.model_path = ckpt.path
         self.model_config = cfg = ckpt.config
-        self.tokenizer = _with_chat_template(load_tokenizer, ckpt, config.chat_template)
+        self.tokenizer = load_tokenizer(ckpt, config.chat_template)
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
         self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)

