@@ -85,13 +85,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto: the weights' compute dtype")
     g.add_argument("--kv-cache-memory", type=positive, default=None,
                    help="KV cache size: bytes, or a fraction (< 1) of available memory (default: "
-                        "room for max-num-seqs x max-model-len tokens, at most 1/4 of available)")
+                        "room for min(max-num-seqs, 4) x max-model-len tokens, at most 1/4 of available)")
     g.add_argument("--max-model-len", type=at_least(1), default=None,
                    help="context window in tokens (default: the model's, at most 4096)")
     g.add_argument("--max-num-seqs", type=at_least(1), default=None,
-                   help="sequences decoded together (default: 1 for generate and chat, else 4)")
+                   help="sequences decoded together (default: 1 for generate and chat, else 64)")
     g.add_argument("--max-num-batched-tokens", type=at_least(1), default=2048, help="tokens per engine step")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--max-decode-delay", type=positive, default=None, metavar="X",
+                   help="while streams decode, cut long prompts into chunks so that a step takes at "
+                        "most ~X decode steps (default: off; serve: 2.5)")
     g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
     g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
                    help="Jinja file, built-in name or template text (default: the model's own)")
@@ -110,7 +113,7 @@ def engine_kwargs(args) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
     # unset: EngineConfig's defaults (sized from the model)
-    for name in ("kv_cache_memory", "max_num_seqs", "chat_template"):
+    for name in ("kv_cache_memory", "max_num_seqs", "chat_template", "max_decode_delay"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     return kw

@@ -167,3 +167,42 @@ def test_int8_kv_cache_close_to_fp32(tiny_llama_dir):
     ours = torch.tensor([x.logprob for x in out.prompt_logprobs[1:]])
     theirs = lp[torch.arange(len(p) - 1), torch.tensor(p[1:])]
     assert (ours - theirs).abs().max() < 0.05
+
+
+def test_long_prompt_yields_to_decoding_streams(tiny_llama_dir, alone):
+    """With max_decode_delay, a step that ran long next to decode-only steps shrinks the
+    prompt chunks taken while others decode; the outputs stay those of each prompt alone."""
+    llm = LLM(tiny_llama_dir[0], kv_cache_memory=16 << 20, max_decode_delay=2.0)
+    sch = llm.engine.scheduler
+    llm.engine.add_request("short", prompts()[0], GREEDY)
+    llm.engine.step()                                   # its prompt
+    llm.engine.step()                                   # a decode-only step
+    assert sch.decode_step_s is not None
+    sch.decode_step_s = 0.01
+    sch.observe([(sch.running[0], 1), (sch.running[0], 1)], 0.01)   # decode-only: no change
+    assert sch.prompt_cap == llm.engine.config.max_num_batched_tokens
+    long = prompts(1, seed=5, lo=110, hi=120)[0]
+    llm.engine.add_request("long", long, GREEDY)
+
+    def compute(batch):  # what a step does to the sequences, without the model
+        for s, n in batch:
+            s.num_computed_tokens += n
+            if s.num_computed_tokens >= s.num_prompt_tokens:
+                s.token_ids.append(7)
+
+    sch.prompt_cap = 50
+    batch = sch.schedule()
+    assert dict((s.request_id, n) for s, n in batch) == {"short": 1, "long": 50}
+    seq = next(s for s, _ in batch if s.request_id == "long")
+    compute(batch)
+    sch.observe(batch, 0.08)                            # 8x a decode step: far over 2x
+    assert 1 <= sch.prompt_cap <= 12
+    cap = sch.prompt_cap
+    batch = sch.schedule()
+    assert dict((s.request_id, n) for s, n in batch)["long"] == min(cap, len(long) - seq.num_computed_tokens)
+    compute(batch)
+    sch.observe(batch, 0.01)                            # now well under: the cap grows back
+    assert sch.prompt_cap > cap
+    # the text is the same however the prompt was cut
+    fresh = LLM(tiny_llama_dir[0], kv_cache_memory=16 << 20, max_decode_delay=1.0)
+    assert texts(fresh.generate(prompts(), GREEDY)) == alone

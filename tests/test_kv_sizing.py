@@ -1,5 +1,6 @@
-"""The default KV pool is sized from the model (max_num_seqs sequences of max_model_len
-tokens, capped by memory), not a fixed 1 GiB; the default model's `generate` stays small."""
+"""The default KV pool is sized from the model (min(max_num_seqs, 4) sequences of
+max_model_len tokens, capped by memory), not a fixed 1 GiB; the default model's
+`generate` stays small."""
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def test_default_pool_holds_max_num_seqs_full_sequences(tiny_llama_dir):
     assert llm.engine.block_manager.num_blocks == 3 * 7          # ceil(100 / 16) blocks each
     llm = LLM(tiny_llama_dir[0])                                  # the model's 1024 tokens, 4 seqs
     assert llm.engine.max_model_len == 1024
-    assert llm.engine.block_manager.num_blocks == EngineConfig.max_num_seqs * 1024 // 16
+    assert llm.engine.block_manager.num_blocks == llm_engine.DEFAULT_KV_SEQS * 1024 // 16
+    assert llm.engine.scheduler.max_num_seqs == 64               # more sequences share the pool
     out = llm.generate("hello", None)[0]
     assert out.outputs[0].token_ids
 

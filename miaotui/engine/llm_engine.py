@@ -24,6 +24,7 @@ DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32
           "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_MAX_MODEL_LEN = 4096   # as llama.cpp's default context; a 32k-context model would
 DEFAULT_KV_FRACTION = 0.25     # otherwise reserve ~1 GB of KV per sequence
+DEFAULT_KV_SEQS = 4            # full-length sequences the default pool holds (llama-server's slots)
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32": torch.float32,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -35,15 +36,19 @@ class EngineConfig:
     quantization: str | None = None      # None (as stored) | "none" | "int8" | "int4"
     group_size: int = 32
     kv_cache_dtype: str = "auto"         # "auto" (= model dtype) | "int8"
-    # The KV pool. None: room for max_num_seqs sequences of max_model_len tokens each, at most
-    # DEFAULT_KV_FRACTION of available memory. Given: exactly this many bytes, or this
-    # fraction (< 1) of available memory.
+    # The KV pool. None: room for min(max_num_seqs, DEFAULT_KV_SEQS) sequences of
+    # max_model_len tokens each, at most DEFAULT_KV_FRACTION of available memory (more
+    # sequences share it; when it runs out the newest is preempted). Given: exactly this
+    # many bytes, or this fraction (< 1) of available memory.
     kv_cache_memory: float | None = None
     block_size: int = 16
-    max_num_seqs: int = 4                # CLI generate/chat: 1
+    max_num_seqs: int = 64               # sequences scheduled together; CLI generate/chat: 1
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None     # None: the model's, at most DEFAULT_MAX_MODEL_LEN
     enable_prefix_caching: bool = True
+    # while streams decode, keep a step within ~this many decode-only steps by cutting long
+    # prompts into smaller chunks (None: off, prompts take the whole token budget)
+    max_decode_delay: float | None = None
     num_threads: int | None = None
     progress: bool = False
     chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
@@ -84,8 +89,8 @@ class _Request:
 
 def kv_pool_blocks(config: EngineConfig, max_model_len: int, per_token: int) -> int:
     """KV blocks to allocate: kv_cache_memory's worth when given, else enough for
-    max_num_seqs sequences of max_model_len tokens (as llama.cpp sizes its context from
-    n_ctx), at most DEFAULT_KV_FRACTION of available memory."""
+    min(max_num_seqs, DEFAULT_KV_SEQS) sequences of max_model_len tokens (as llama.cpp sizes
+    its context from n_ctx), at most DEFAULT_KV_FRACTION of available memory."""
     block_bytes = per_token * config.block_size
     budget = config.kv_cache_memory
     if budget is not None:
@@ -94,7 +99,7 @@ def kv_pool_blocks(config: EngineConfig, max_model_len: int, per_token: int) -> 
             budget = budget * psutil.virtual_memory().available
         return int(budget // block_bytes)
     import psutil
-    want = config.max_num_seqs * -(-max_model_len // config.block_size)
+    want = min(config.max_num_seqs, DEFAULT_KV_SEQS) * -(-max_model_len // config.block_size)
     cap = int(DEFAULT_KV_FRACTION * psutil.virtual_memory().available // block_bytes)
     return max(1, min(want, cap))
 
@@ -127,7 +132,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise MiaotuiError(f"kv_cache_memory {config.kv_cache_memory} is too small for one block")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_decode_delay)
         self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
@@ -191,6 +197,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        t0 = time.monotonic()
         tokens = self.runner.run(batch)
         self.stats["steps"] += 1
         touched: dict[str, _Request] = {}
@@ -211,6 +218,7 @@ class LLMEngine:
             self._append_token(seq, tokens[seq.seq_id], now)
             if req.first_token_time is None:
                 req.first_token_time = now
+        self.scheduler.observe(batch, now - t0)
         return [self._output(req) for req in touched.values()]
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:

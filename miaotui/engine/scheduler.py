@@ -5,6 +5,12 @@ token, an unfinished prefill its next chunk), then admits waiting ones while the
 budget, the sequence cap and the free blocks allow. When a running sequence needs a block
 and none is free, the newest running sequence is preempted: its blocks are freed and it
 is recomputed later (its prefix blocks often survive in the prefix cache).
+
+With ``max_decode_delay`` set (the server's default), a long prompt cannot stall the
+streams already decoding: while any sequence decodes, prompt tokens per step are capped,
+and the cap adapts so that a step takes at most about that many times a decode-only step
+(halved when a step ran long, grown slowly when there is room). Since a token's result does
+not depend on how its prompt was chunked, this changes latency only, never the text.
 """
 from __future__ import annotations
 
@@ -15,10 +21,14 @@ from miaotui.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_decode_delay: float | None = None):
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_decode_delay = max_decode_delay
+        self.prompt_cap = max_num_batched_tokens  # prompt tokens a step may take while decoding
+        self.decode_step_s: float | None = None   # running mean of decode-only steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -31,6 +41,8 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
+        decoding = any(s.num_computed_tokens >= s.num_prompt_tokens for s in self.running)
+        cap = self.prompt_cap if self.max_decode_delay and decoding else budget
         batch: list[tuple[Sequence, int]] = []
         preempted = False
         i = 0
@@ -44,22 +56,50 @@ class Scheduler:
                     break
             else:
                 self.bm.append_slots(seq)
-                n = min(seq.num_to_compute, budget)
-                batch.append((seq, n))
-                budget -= n
+                n = self._tokens(seq, budget, cap)
+                if n:
+                    batch.append((seq, n))
+                    budget -= n
+                    cap -= n if seq.num_computed_tokens < seq.num_prompt_tokens else 0
                 i += 1
                 continue
             break
-        while (self.waiting and budget > 0 and not preempted
+        while (self.waiting and budget > 0 and cap > 0 and not preempted
                and len(self.running) < self.max_num_seqs and self.bm.can_allocate(self.waiting[0])):
             seq = self.waiting.popleft()
             self.bm.allocate(seq, use_cache=seq.params.prompt_logprobs is None)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_to_compute, budget)
+            n = self._tokens(seq, budget, cap)
             batch.append((seq, n))
             budget -= n
+            cap -= n
         return batch
+
+    @staticmethod
+    def _tokens(seq: Sequence, budget: int, cap: int) -> int:
+        """This step's tokens for a sequence: its next prompt chunk (within the budget and
+        the prompt cap) or one generated token."""
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
+            return min(seq.num_to_compute, budget, cap)
+        return min(seq.num_to_compute, budget)
+
+    def observe(self, batch: list[tuple[Sequence, int]], seconds: float) -> None:
+        """Adapt the prompt cap to how long a step with prompt tokens took next to a
+        decode-only one (called by the engine after each step)."""
+        if not self.max_decode_delay:
+            return
+        prompt = any(s.num_computed_tokens - n < s.num_prompt_tokens for s, n in batch)
+        decode = any(s.num_computed_tokens - n >= s.num_prompt_tokens for s, n in batch)
+        if decode and not prompt:
+            m = self.decode_step_s
+            self.decode_step_s = seconds if m is None else 0.8 * m + 0.2 * seconds
+        elif decode and self.decode_step_s:
+            ratio = seconds / self.decode_step_s
+            if ratio > self.max_decode_delay:
+                self.prompt_cap = max(1, int(self.prompt_cap * self.max_decode_delay / ratio / 1.25))
+            elif ratio < 0.7 * self.max_decode_delay:
+                self.prompt_cap = min(self.max_num_batched_tokens, self.prompt_cap + 1 + self.prompt_cap // 4)
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_seq(seq)

@@ -77,18 +77,21 @@ inline void tiles_tn(const float* x, int64_t ldx, const float* w, int64_t ldw, i
   }
 }
 
-// All T rows of x against N rows of W (a block that stays in L2): three rows of x by four
-// of W (12 chains), a lone row by eight.
+// All T rows of x against N rows of W (a block that stays in L2), 48 rows of x at a time
+// (so they stay in L2 too): three rows of x by four of W (12 chains), a lone row by eight.
 void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
                 int64_t N, float* y, int64_t ldy) {
-  int64_t t = 0;
-  for (; t + 3 <= T; t += 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
-  if (T - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
-  if (T - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+  for (int64_t t0 = 0; t0 < T; t0 += 48) {
+    const int64_t t1 = std::min(T, t0 + 48);
+    int64_t t = t0;
+    for (; t + 3 <= t1; t += 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
+  }
 }
 
-// Rows of W per job: about 192 KB of float32 weights, a multiple of 8.
-int64_t block_rows(int64_t K) { return std::clamp<int64_t>((192 << 10) / (4 * K) / 8 * 8, 8, 256); }
+// Rows of W per job: about 128 KB of float32 weights, a multiple of 8.
+int64_t block_rows(int64_t K) { return std::clamp<int64_t>((128 << 10) / (4 * K) / 8 * 8, 8, 256); }
 
 // Jobs over blocks of W's rows and, when those are few, over runs of x's rows too (a
 // multiple of 3, so tiles fall the same way). f(t0, t1, n0, n1) does one job.
