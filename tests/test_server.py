@@ -424,6 +424,26 @@ def test_huge_prompt_is_refused_without_stalling_the_server(tiny):
         assert time.monotonic() - start < 10 and slowest < 1.0, (time.monotonic() - start, slowest)
 
 
+def test_tokenizing_runs_off_the_event_loop(tiny, monkeypatch):
+    base, served, _, _ = tiny
+    real = served.tokenizer.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(2)          # a long prompt; like encode_batch, sleeping frees the GIL
+        return real(*args, **kwargs)
+    monkeypatch.setattr(served.tokenizer, "encode", slow_encode)
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(httpx.post(
+        base + C, json={"prompt": "x", "max_tokens": 1}, headers=AUTH, timeout=30)))
+    thread.start()
+    time.sleep(0.5)
+    t = time.monotonic()
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    assert time.monotonic() - t < 1.0
+    thread.join()
+    assert replies[0].status_code == 200
+
+
 def test_openapi_declares_bodies_and_responses(tiny):
     spec = httpx.get(tiny[0] + "/openapi.json").json()
     schemas = spec["components"]["schemas"]
