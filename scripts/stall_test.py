@@ -20,15 +20,14 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import sys
-import threading
 import time
 
 import httpx
 
 from miaotui.cli import add_model_args, load_llm
 from miaotui.serve.api import create_app
+from miaotui.serve.cli import serve_in_thread
 
 WORDS = ("river stone light paper garden window music winter market letter forest bridge "
          "engine silver orange morning station ladder harbor candle thunder meadow").split()
@@ -46,26 +45,6 @@ def summary(gaps: list[float]) -> dict:
     ms = [g * 1000 for g in gaps]
     return {"n": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
             "max_ms": max(ms, default=None)}
-
-
-@contextlib.contextmanager
-def serve(app):
-    import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def long_prompt(tokenizer, n: int) -> list[int]:
@@ -152,7 +131,7 @@ def main() -> int:
                          f"({llm.engine.max_model_len} tokens)")
     arrivals: list[float] = []
     marks: dict = {}
-    with serve(create_app(llm.engine, "stall-test")) as base:
+    with serve_in_thread(create_app(llm.engine, "stall-test")) as base:
         with contextlib.suppress(asyncio.TimeoutError):
             asyncio.run(asyncio.wait_for(measure(base, args, long_ids, arrivals, marks), args.timeout))
     result = report(args, len(long_ids), arrivals, marks)

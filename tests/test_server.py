@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 
@@ -17,36 +16,20 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from miaotui.config import MiaotuiError
 from miaotui.llm import LLM
 from miaotui.sampling_params import SamplingParams
 from miaotui.serve.api import create_app
+from miaotui.serve.cli import serve_in_thread
 
 KEY = "test-key"
 KV = 32 << 20          # a small KV pool keeps the tiny engines light
 
 
-@contextlib.contextmanager
 def serve(engine, name: str, **kwargs):
-    """Run create_app(engine) with uvicorn in a thread; yield the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, name, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """Serve create_app(engine) on a free loopback port; a context giving the base URL."""
+    return serve_in_thread(create_app(engine, name, **kwargs))
 
 
 def metric(base: str, name: str, labels: str = "") -> float:

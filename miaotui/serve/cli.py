@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
+import socket
 import sys
+import threading
+import time
+from typing import Iterator
 
 from miaotui.config import MiaotuiError
 
@@ -36,6 +41,29 @@ def parse_origins(value: str | None) -> list[str]:
             raise MiaotuiError(f"--allowed-origins: {origin!r} is not an origin like "
                                "http://localhost:3000 (or give '*' alone)")
     return origins
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, timeout: float = 30) -> Iterator[str]:
+    """Run the ASGI `app` with uvicorn on a free loopback port in a background thread and
+    yield its base URL; stop it on exit. For tests and measurement scripts."""
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise MiaotuiError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)
 
 
 def cmd_serve(args) -> None:
