@@ -469,9 +469,13 @@ def test_integral_floats_are_integers(client):
 
 def test_neutral_values_of_unsupported_fields_are_accepted(client):
     """Clients often send the defaults of fields this server lacks; those mean nothing."""
+    from miaotui.serve.protocol import IGNORED
+    ignored = {"user": "someone", "metadata": {"k": "v"}, "service_tier": "auto",
+               "prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True}
+    assert set(ignored) == set(IGNORED)
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2, tools=[],
                                        response_format={"type": "text"}, tool_choice="none",
-                                       user="someone", metadata={"k": "v"}, store=False)
+                                       store=False, extra_body=ignored)
     assert r.choices[0].finish_reason in ("length", "stop")
 
 

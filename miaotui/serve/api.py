@@ -21,7 +21,7 @@ import hmac
 import json
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -525,7 +525,7 @@ class _CountRequests:
 
 def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
                max_waiting: int = 128, host: str = "127.0.0.1",
-               allowed_origins: list[str] = ()) -> FastAPI:
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine` under `served_model_name`.
 
     `host` is the address the server is bound to (a loopback one turns on the Host check);
