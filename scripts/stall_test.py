@@ -103,6 +103,7 @@ def report(args, n_long: int, arrivals: list[float], marks: dict) -> dict:
     result = {"long_prompt_tokens": n_long, "timed_out": "long_done" not in marks,
               "long_request": marks.get("long_request"), "short_request": marks.get("short_request"),
               "idle_gap": summary(idle), "gap_during_long_prefill": summary(during),
+              "gaps_during_ms": [round(g * 1000, 1) for g in during][:200],
               "stream_outlived_prefill": bool(arrivals) and arrivals[-1] > done}
     if idle and during:
         ratio = result["gap_during_long_prefill"]["p99_ms"] / result["idle_gap"]["p99_ms"]
