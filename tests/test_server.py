@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import threading
 import time
 
@@ -17,36 +16,20 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from miaotui.config import MiaotuiError
 from miaotui.llm import LLM
 from miaotui.sampling_params import SamplingParams
 from miaotui.serve.api import create_app
+from miaotui.serve.cli import serve_in_thread
 
 KEY = "test-key"
 KV = 32 << 20          # a small KV pool keeps the tiny engines light
 
 
-@contextlib.contextmanager
 def serve(engine, name: str, **kwargs):
-    """Run create_app(engine) with uvicorn in a thread; yield the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, name, **kwargs)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """Serve create_app(engine) on a free loopback port; a context giving the base URL."""
+    return serve_in_thread(create_app(engine, name, **kwargs))
 
 
 def metric(base: str, name: str, labels: str = "") -> float:
@@ -272,6 +255,19 @@ BAD = [  # (path, raw body or JSON, headers, status, param)
     (CHAT, {"model": "tiny", "messages": MSG, "logprobs": True, "top_logprobs": 99}, AUTH, 400,
      "top_logprobs"),
     (CHAT, {"model": "nope", "messages": MSG}, AUTH, 404, "model"),
+    # integer fields take integral floats only
+    (C, {"model": "tiny", "prompt": "x", "max_tokens": 4.5}, AUTH, 400, "max_tokens"),
+    (C, {"model": "tiny", "prompt": "x", "n": 1.5}, AUTH, 400, "n"),
+    (CHAT, {"model": "tiny", "messages": MSG, "seed": 0.5}, AUTH, 400, "seed"),
+    # OpenAI fields this server does not implement are refused by name, not ignored
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, AUTH, 400, "tools"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tool_choice": "required"}, AUTH, 400, "tool_choice"),
+    (CHAT, {"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, AUTH,
+     400, "response_format"),
+    (CHAT, {"model": "tiny", "messages": MSG, "functions": [{"name": "f"}]}, AUTH, 400, "functions"),
+    (C, {"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, AUTH, 400, "logit_bias"),
+    (C, {"model": "tiny", "prompt": "x", "suffix": "end"}, AUTH, 400, "suffix"),
     ("/v1/models", None, {}, 401, None),
     ("/v1/nothing", {}, AUTH, 404, None),
 ]
@@ -346,3 +342,285 @@ def test_default_model_chat_and_stream():
         stream = c.completions.create(model="smollm2", prompt="The capital of France is",
                                       max_tokens=8, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in stream) == want_completion
+
+
+# ---- hardening (issue 11) ---------------------------------------------------------------
+SURROGATE_BODIES = [  # (path, raw JSON with a lone surrogate escape, the field it is in)
+    (C, r'{"prompt": "a \ud800 b"}', "prompt"),
+    (C, r'{"prompt": ["ok", "\udfff"]}', "prompt"),
+    (C, r'{"prompt": "a", "stop": ["\ud800"]}', "stop"),
+    (CHAT, r'{"messages": [{"role": "user", "content": "hi \ud83d"}]}', "messages"),
+    (CHAT, r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}',
+     "messages"),
+]
+
+
+def test_lone_surrogate_is_400_and_keeps_the_connection(tiny):
+    import http.client
+    host, port = tiny[0].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {**AUTH, "Content-Type": "application/json"}
+    sock = None
+    try:
+        for path, raw, param in SURROGATE_BODIES:
+            conn.request("POST", path, body=raw.encode(), headers=headers)
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == 400, body
+            assert body["error"]["param"] == param and "surrogate" in body["error"]["message"]
+            sock = sock or conn.sock
+            assert conn.sock is sock, "the server closed the keep-alive connection"
+        conn.request("GET", "/v1/models", headers=AUTH)
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["data"][0]["id"] == "tiny"
+        assert conn.sock is sock
+    finally:
+        conn.close()
+
+
+def test_huge_prompt_is_refused_without_stalling_the_server(tiny):
+    """A 10 MB prompt is refused by its byte length before tokenizing (tokenizing it took
+    35 s on the event loop), and /health keeps answering meanwhile."""
+    base = tiny[0]
+    big = "hello world " * (10_000_000 // 12)
+    replies = []
+
+    def post(path, body):
+        replies.append(httpx.post(base + path, json=body, headers=AUTH, timeout=120))
+
+    for path, body, param in [(C, {"prompt": big, "max_tokens": 1}, "prompt"),
+                              (CHAT, {"messages": [{"role": "user", "content": big}]}, "messages")]:
+        thread = threading.Thread(target=post, args=(path, body))
+        start = time.monotonic()
+        thread.start()
+        slowest = 0.0
+        while thread.is_alive():
+            t = time.monotonic()
+            assert httpx.get(base + "/health", timeout=60).status_code == 200
+            slowest = max(slowest, time.monotonic() - t)
+            time.sleep(0.02)
+        thread.join()
+        r = replies.pop()
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert time.monotonic() - start < 10 and slowest < 1.0, (time.monotonic() - start, slowest)
+
+
+def test_tokenizing_runs_off_the_event_loop(tiny, monkeypatch):
+    base, served, _, _ = tiny
+    real = served.tokenizer.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(2)          # a long prompt; like encode_batch, sleeping frees the GIL
+        return real(*args, **kwargs)
+    monkeypatch.setattr(served.tokenizer, "encode", slow_encode)
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(httpx.post(
+        base + C, json={"prompt": "x", "max_tokens": 1}, headers=AUTH, timeout=30)))
+    thread.start()
+    time.sleep(0.5)
+    t = time.monotonic()
+    assert httpx.get(base + "/health", timeout=30).status_code == 200
+    assert time.monotonic() - t < 1.0
+    thread.join()
+    assert replies[0].status_code == 200
+
+
+def test_openapi_declares_bodies_and_responses(tiny):
+    spec = httpx.get(tiny[0] + "/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def ref(schema):
+        name = schema["$ref"].rsplit("/", 1)[1]
+        assert name in schemas
+        return name
+
+    for path, request, response in [(C, "CompletionRequest", "CompletionResponse"),
+                                    (CHAT, "ChatCompletionRequest", "ChatCompletionResponse")]:
+        op = spec["paths"][path]["post"]
+        assert op["requestBody"]["required"] is True
+        assert ref(op["requestBody"]["content"]["application/json"]["schema"]) == request
+        ok = op["responses"]["200"]["content"]
+        assert ref(ok["application/json"]["schema"]) == response
+        assert "text/event-stream" in ok
+        for status in ("400", "401", "404", "415", "503"):
+            assert ref(op["responses"][status]["content"]["application/json"]["schema"]) \
+                == "ErrorResponse"
+    get = {path: spec["paths"][path]["get"]["responses"] for path in ("/v1/models", "/health")}
+    assert ref(get["/v1/models"]["200"]["content"]["application/json"]["schema"]) == "ModelList"
+    assert ref(get["/health"]["200"]["content"]["application/json"]["schema"]) == "Health"
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    # every reference resolves
+    for name in re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(spec)):
+        assert name in schemas
+
+
+def test_integral_floats_are_integers(client):
+    r = client.completions.create(model="tiny", prompt="abc", max_tokens=4.0, n=2.0, logprobs=1.0,
+                                  seed=3.0, temperature=1.0, extra_body={"top_k": 5.0})
+    assert len(r.choices) == 2 and r.usage.completion_tokens <= 8
+    assert all(len(c.logprobs.tokens) <= 4 for c in r.choices)
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_completion_tokens=3.0,
+                                       logprobs=True, top_logprobs=2.0)
+    assert r.usage.completion_tokens <= 3
+    assert all(len(t.top_logprobs) == 2 for t in r.choices[0].logprobs.content)
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    """Clients often send the defaults of fields this server lacks; those mean nothing."""
+    from miaotui.serve.protocol import IGNORED
+    ignored = {"user": "someone", "metadata": {"k": "v"}, "service_tier": "auto",
+               "prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True}
+    assert set(ignored) == set(IGNORED)
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2, tools=[],
+                                       response_format={"type": "text"}, tool_choice="none",
+                                       store=False, extra_body=ignored)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_posts_must_be_json(tiny):
+    base = tiny[0]
+    body = json.dumps({"prompt": "x", "max_tokens": 1})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+        headers = {**AUTH, **({"Content-Type": ctype} if ctype else {})}
+        r = httpx.post(base + C, content=body, headers=headers)
+        assert r.status_code == 415, (ctype, r.text)
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.post(base + C, content=body,
+                   headers={**AUTH, "Content-Type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_host_header_is_checked_on_loopback(tiny):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
+    Host: evil.example:PORT. Only loopback names with the server's port are served."""
+    base = tiny[0]
+    port = base.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", f"localhost:{int(port) + 1}",
+                 f"127.0.0.1.evil.example:{port}"):
+        for path in ("/health", "/v1/models", "/metrics"):
+            r = httpx.get(base + path, headers={**AUTH, "Host": host})
+            assert r.status_code == 403, (host, path, r.text)
+            assert r.json()["error"]["code"] == "host_not_allowed"
+        r = httpx.post(base + C, json={"prompt": "x", "max_tokens": 1}, headers={**AUTH, "Host": host})
+        assert r.status_code == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        assert httpx.get(base + "/health", headers={"Host": host}).status_code == 200, host
+
+
+def test_cross_origin_requests(tiny):
+    base = tiny[0]
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    # no --allowed-origins: no CORS, and requests that carry a foreign Origin are refused
+    r = httpx.options(base + C, headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(base + "/v1/models", headers={**AUTH, "Origin": "http://app.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+
+    engine = tiny[2].engine       # the reference engine serves /v1/models here, no generation
+    with serve(engine, "tiny", allowed_origins=["http://app.example"]) as other:
+        r = httpx.options(other + C, headers=preflight)
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.get(other + "/v1/models", headers={"Origin": "http://app.example"})
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
+        r = httpx.get(other + "/v1/models", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+    with serve(engine, "tiny", allowed_origins=["*"]) as other:
+        r = httpx.get(other + "/v1/models", headers={"Origin": "http://anything.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_allowed_origins_option():
+    from miaotui.cli import build_parser
+    from miaotui.serve.cli import parse_origins
+    assert parse_origins(None) == []
+    assert parse_origins("http://a.example, https://b.example:8443") == \
+        ["http://a.example", "https://b.example:8443"]
+    assert parse_origins("*") == ["*"]
+    for bad in ("a.example", "http://a.example/path", "*,http://a.example"):
+        with pytest.raises(MiaotuiError):
+            parse_origins(bad)
+    args = build_parser().parse_args(["serve", "--allowed-origins", "http://a.example"])
+    assert args.allowed_origins == "http://a.example"
+    assert build_parser().parse_args(["serve"]).allowed_origins is None
+
+
+def test_stream_chunks_share_id_and_created(tiny, client, monkeypatch):
+    from miaotui.serve import protocol as P
+
+    class Clock:              # a clock that ticks a second at every reading
+        now = 1_700_000_000
+
+        @classmethod
+        def time(cls):
+            cls.now += 1
+            return cls.now
+    monkeypatch.setattr(P, "time", Clock)
+    chunks = list(client.completions.create(model="tiny", prompt="abc", max_tokens=6,
+                                            extra_body={"ignore_eos": True}, stream=True,
+                                            stream_options={"include_usage": True}))
+    chunks += list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6,
+                                                  stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) > 6
+    for kind in ("text_completion", "chat.completion.chunk"):
+        mine = [c for c in chunks if c.object == kind]
+        assert len({c.id for c in mine}) == 1 and len({c.created for c in mine}) == 1, kind
+
+
+class StepGate:
+    """Replaces engine.step: while closed, every step waits for a permit."""
+
+    def __init__(self, engine):
+        self.engine, self.real = engine, engine.step
+        self.closed, self.blocked = True, False
+        self.permits = threading.Semaphore(0)
+        engine.step = self.step
+
+    def step(self):
+        if self.closed:
+            self.blocked = True
+            self.permits.acquire()
+            self.blocked = False
+        return self.real()
+
+    def release(self):
+        del self.engine.step
+        self.closed = False
+        self.permits.release(100)
+
+
+def test_metrics_gauges_follow_admission_and_abort(tiny):
+    """The gauges change when a request is admitted or aborted, not one engine step later."""
+    base, served, _, _ = tiny
+    body = {"prompt": "go on", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    aborted = metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
+    gate = StepGate(served)
+    try:
+        with contextlib.ExitStack() as stack:
+            a = stack.enter_context(httpx.stream("POST", base + C, json=body, headers=AUTH, timeout=30))
+            assert a.status_code == 200 and wait_for(lambda: gate.blocked)
+            # A is admitted; the engine is stuck in the step that would schedule it
+            assert metric(base, "miaotui_num_waiting_seqs") == 1
+            gate.closed = False
+            gate.permits.release()
+            with contextlib.ExitStack() as b_stack:
+                b = b_stack.enter_context(httpx.stream("POST", base + C, json=body, headers=AUTH,
+                                                       timeout=30))
+                assert b.status_code == 200
+                assert wait_for(lambda: metric(base, "miaotui_num_running_seqs") == 2)
+                gate.closed = True
+                assert wait_for(lambda: gate.blocked)
+                stack.close()      # A's client goes away; the server queues its abort
+                assert wait_for(lambda: metric(base, "miaotui_requests_finished_total",
+                                               '{reason="abort"}') == aborted + 1)
+                gate.permits.release()   # one step; the abort runs after it, then the next blocks
+                assert wait_for(lambda: metric(base, "miaotui_num_running_seqs") == 1, timeout=5)
+                gate.release()
+    finally:
+        if "step" in vars(served):
+            gate.release()
+    assert wait_for(served.pool_is_full)

@@ -70,7 +70,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}   # owned by the engine thread
         self._queued_adds = 0                           # requests not yet seen by the thread
         self._stopped = False
-        self.snapshot = self._snapshot()                # replaced after every step
+        self.snapshot = self._snapshot()                # replaced after commands and steps
         self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
         self._thread.start()
 
@@ -145,6 +145,8 @@ class AsyncEngine:
                 self._commands.clear()
             for command in commands:
                 command()
+            if commands:    # admissions and aborts show at once, not after a (long) step
+                self.snapshot = self._snapshot()
             if self.engine.has_unfinished():
                 self._step()
             self.snapshot = self._snapshot()

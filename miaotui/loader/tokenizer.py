@@ -5,6 +5,7 @@ which adds BOS/EOS handling, the end-of-sequence set used to stop generation, an
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -427,14 +428,24 @@ class Tokenizer:
                    chat_template=_gguf_field(reader, "tokenizer.chat_template"))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with special tokens, BOS/EOS as the model wants (never doubled)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; with special tokens, BOS/EOS as the model wants (never doubled).
+
+        Runs through encode_batch, which releases the GIL (encode does not): a long prompt
+        tokenized in a worker thread then leaves the other threads running."""
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens:
             if self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
                 ids.insert(0, self.bos_token_id)
             if self.add_eos and self.eos_token_id is not None and ids[-1:] != [self.eos_token_id]:
                 ids.append(self.eos_token_id)
         return ids
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 length of the longest vocabulary entry. No token stands for more bytes of
+        text, so a text of B bytes has at least B / max_token_bytes tokens."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return max(len(t.encode("utf-8", "surrogatepass")) for t in vocab)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

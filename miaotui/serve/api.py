@@ -1,10 +1,17 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
 /health and /metrics.
 
-Every request is checked in the same order (API key, JSON, schema, model name, sampling
-parameters, context window, queue room) and any failure becomes an OpenAI-style error
-body with a 4xx status (503 when the waiting queue is full). Accepted requests go to the
+Every request is checked in the same order (Host and Origin, API key, Content-Type, JSON,
+valid Unicode, unsupported fields, schema, model name, sampling parameters, prompt bytes,
+context window, queue room) and any failure becomes an OpenAI-style error body with a 4xx
+status (503 when the waiting queue is full). Prompts are tokenized in a worker thread, so
+a long one does not hold up other requests. Accepted requests go to the
 :class:`AsyncEngine`; a client that disconnects has its requests aborted at once.
+
+With no API key, a web page could still reach a local server; three checks stop that:
+POSTs must be application/json (which a page cannot send cross-site without a CORS
+preflight), cross-origin requests are refused unless their origin is allowed, and when the
+server is bound to loopback the Host header must name loopback (DNS rebinding).
 """
 from __future__ import annotations
 
@@ -12,13 +19,18 @@ import asyncio
 import contextlib
 import hmac
 import json
+import urllib.parse
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from miaotui.config import MiaotuiError
@@ -27,6 +39,7 @@ from miaotui.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
 from miaotui.engine.sequence import Logprob
 from miaotui.sampling_params import InvalidParams, SamplingParams
 from miaotui.serve import protocol as P
+from miaotui.serve.cli import is_loopback
 from miaotui.serve.metrics import Metrics, RequestTimer
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -58,6 +71,7 @@ class _Job:
     include_usage: bool = False
     stream: RequestStream | None = None
     timer: RequestTimer | None = None
+    created: int = field(default_factory=P.now)      # the same in every chunk of a stream
     finals: dict[str, RequestOutput] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)   # log-prob text offsets
 
@@ -83,6 +97,8 @@ class _Server:
         self.api_key = api_key
         self.max_waiting = max_waiting
         self.max_model_len = engine.engine.max_model_len
+        # No token stands for more bytes than this, so a longer text cannot fit the context.
+        self.max_prompt_bytes = self.max_model_len * self.tokenizer.max_token_bytes
         self.metrics = Metrics(engine)
         self._token_texts: dict[int, str] = {}
 
@@ -99,12 +115,20 @@ class _Server:
 
     async def parse(self, request: Request, schema: type[BaseModel]):
         self.check_auth(request)
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(415, "the request body must be JSON, sent with "
+                           "'Content-Type: application/json'", code="unsupported_media_type")
         try:
             body = json.loads(await request.body(), parse_constant=_no_constant)
         except (ValueError, RecursionError) as exc:   # includes JSON and UTF-8 decode errors
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        _check_unicode(body)
+        unsupported = P.unsupported_field(body)
+        if unsupported:
+            raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported)
         try:
             req = schema.model_validate(body)
         except ValidationError as exc:
@@ -114,8 +138,6 @@ class _Server:
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         return req
 
     def sampling_params(self, req: P.SamplingRequest, max_tokens: int | None,
@@ -133,6 +155,16 @@ class _Server:
                 min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except InvalidParams as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, tokenized off the event loop; a text too long to fit the
+        context window in any tokenization is refused without tokenizing it."""
+        size = len(text.encode())
+        if size > self.max_prompt_bytes:
+            raise APIError(400, f"the prompt is {size} bytes, more than this model's context "
+                           f"window of {self.max_model_len} tokens can hold", param=param,
+                           code="context_length_exceeded")
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
 
     def check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         need = len(ids) + (1 if max_tokens is None else max_tokens)
@@ -152,6 +184,10 @@ class _Server:
             job.stream = await self.engine.add_requests(requests)
         except MiaotuiError as exc:
             raise APIError(400, str(exc)) from None
+
+    def head(self, job: _Job) -> dict:
+        """The fields every response and chunk of `job` shares."""
+        return {"id": job.id, "created": job.created, "model": self.model_name}
 
     # ---- token text and log-probs -------------------------------------------------------
     def token_text(self, token_id: int) -> str:
@@ -238,7 +274,7 @@ class _Server:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ---- /v1/completions ----------------------------------------------------------------
-    def completion_prompts(self, prompt) -> list[tuple[str, list[int]]]:
+    async def completion_prompts(self, prompt) -> list[tuple[str, list[int]]]:
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
@@ -246,7 +282,7 @@ class _Server:
         prompts = []
         for p in prompt:
             if isinstance(p, str):
-                prompts.append((p, self.tokenizer.encode(p)))
+                prompts.append((p, await self.encode(p, "prompt")))
             else:
                 bad = [t for t in p if not 0 <= t < self.engine.engine.model_config.vocab_size]
                 if bad:
@@ -258,13 +294,11 @@ class _Server:
 
     async def completions(self, request: Request) -> Response:
         req: P.CompletionRequest = await self.parse(request, P.CompletionRequest)
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n", param="best_of")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
-        job = _Job(P.random_id("cmpl"), self.completion_prompts(req.prompt), req.n,
+        job = _Job(P.random_id("cmpl"), await self.completion_prompts(req.prompt), req.n,
                    req.logprobs, req.echo,
                    bool(req.stream_options and req.stream_options.include_usage))
         for _, ids in job.prompts:
@@ -278,7 +312,7 @@ class _Server:
             for o in out.outputs:
                 choices.append(self.completion_choice(job, out, o, o.text, o.token_ids, o.logprobs,
                                                       True, o.finish_reason))
-        return JSONResponse(P.CompletionResponse(id=job.id, model=self.model_name, choices=choices,
+        return JSONResponse(P.CompletionResponse(**self.head(job), choices=choices,
                                                  usage=job.usage()).model_dump())
 
     def completion_choice(self, job: _Job, out: RequestOutput, o: CompletionOutput, text: str,
@@ -316,9 +350,9 @@ class _Server:
                     choices.append(self.completion_choice(job, out, o, o.delta_text, new_ids, entries,
                                                           echo, o.finish_reason))
             if choices:
-                yield P.CompletionResponse(id=job.id, model=self.model_name, choices=choices)
+                yield P.CompletionResponse(**self.head(job), choices=choices)
         if job.include_usage:
-            yield P.CompletionResponse(id=job.id, model=self.model_name, choices=[], usage=job.usage())
+            yield P.CompletionResponse(**self.head(job), choices=[], usage=job.usage())
 
     # ---- /v1/chat/completions -----------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
@@ -331,7 +365,7 @@ class _Server:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except MiaotuiError as exc:
             raise APIError(400, str(exc), param="messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = await self.encode(text, "messages", add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
@@ -353,12 +387,12 @@ class _Server:
                                 logprobs=self.chat_logprobs(o.logprobs) if logprobs is not None else None,
                                 finish_reason=o.finish_reason)
                    for o in out.outputs]
-        return JSONResponse(P.ChatCompletionResponse(id=job.id, model=self.model_name,
+        return JSONResponse(P.ChatCompletionResponse(**self.head(job),
                                                      choices=choices, usage=job.usage()).model_dump())
 
     async def chat_chunks(self, job: _Job) -> AsyncIterator[P.ChatCompletionChunk]:
         def chunk(choices):
-            return P.ChatCompletionChunk(id=job.id, model=self.model_name, choices=choices)
+            return P.ChatCompletionChunk(**self.head(job), choices=choices)
         yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))
                      for i in range(job.n)])
         async for out in self.outputs(job):
@@ -375,17 +409,95 @@ class _Server:
             if choices:
                 yield chunk(choices)
         if job.include_usage:
-            yield P.ChatCompletionChunk(id=job.id, model=self.model_name, choices=[], usage=job.usage())
+            yield P.ChatCompletionChunk(**self.head(job), choices=[], usage=job.usage())
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _check_unicode(body: dict) -> None:
+    """Refuse text with a lone surrogate: JSON can spell one ("\\ud800") but it is not
+    Unicode, so no tokenizer (nor a UTF-8 response echoing it) can take it."""
+    def refuse(path: tuple, text: str, at: int):
+        where = ".".join(map(str, path)) or "the request body"
+        raise APIError(400, f"{where}: the text has a lone surrogate (\\u{ord(text[at]):04x}) at "
+                       f"character {at}, which is not valid Unicode",
+                       param=str(path[0]) if path else None)
+
+    stack: list[tuple[tuple, object]] = [((), body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key in value:               # keys are text too; check them before naming them
+                if (at := _lone_surrogate(key)) is not None:
+                    refuse(path, key, at)
+            stack.extend((path + (key,), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((path + (i,), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (at := _lone_surrogate(value)) is not None:
+            refuse(path, value, at)
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where `text` has its first lone surrogate, if it has one."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 async def _disconnected(request: Request) -> None:
     """Return once the client has gone (the request body has already been read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class _SiteGuard:
+    """ASGI middleware: refuse requests a web page could send on a user's behalf.
+
+    When the server is bound to loopback, the Host header must name a loopback address
+    with the server's port (a DNS-rebinding page sends its own name). A request with an
+    Origin header (sent by browsers on cross-origin and POST requests) must come from an
+    allowed origin; none is allowed by default.
+    """
+    LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+    def __init__(self, app, host: str, allowed_origins: list[str]):
+        self.app, self.allowed_origins = app, allowed_origins
+        self.check_host = is_loopback(host)
+        self.host_names = self.LOOPBACK_NAMES | {host.lower()}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await _error_response(refusal)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if self.check_host and host is not None and not self.host_allowed(host, scope.get("server")):
+            return APIError(403, "the Host header must name this server's loopback address "
+                            "(localhost, 127.0.0.1 or [::1] and its port)", "permission_error",
+                            code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and "*" not in self.allowed_origins and origin not in self.allowed_origins:
+            return APIError(403, f"requests from the web origin {origin!r} are not allowed "
+                            "(see miaotui serve --allowed-origins)", "permission_error",
+                            code="origin_not_allowed")
+        return None
+
+    def host_allowed(self, host: str, server: tuple | None) -> bool:
+        """`host` (NAME[:PORT], NAME an IPv6 address in brackets) names this server."""
+        try:
+            url = urllib.parse.urlsplit("//" + host)
+            port = url.port or 80
+        except ValueError:                           # a port that is not a number
+            return False
+        return url.hostname in self.host_names and (server is None or port == server[1])
 
 
 class _CountRequests:
@@ -412,9 +524,12 @@ class _CountRequests:
 
 
 def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key: str | None = None,
-               max_waiting: int = 128) -> FastAPI:
+               max_waiting: int = 128, host: str = "127.0.0.1",
+               allowed_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving `engine` under `served_model_name`.
 
+    `host` is the address the server is bound to (a loopback one turns on the Host check);
+    `allowed_origins` are the web origins allowed to call it (CORS), or ["*"] for any.
     Given an LLMEngine, the app wraps it in an AsyncEngine and stops that at shutdown.
     """
     if max_waiting < 1:
@@ -431,6 +546,12 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
 
     app = FastAPI(title="miaotui", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    # the last added runs first: count every request, then guard, then answer CORS preflights
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    app.add_middleware(_SiteGuard, host=host, allowed_origins=list(allowed_origins))
     app.add_middleware(_CountRequests, metrics=server.metrics)
 
     @app.exception_handler(APIError)
@@ -446,23 +567,73 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
     async def on_bug(request, exc: Exception):
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/v1/completions", **_generation_docs(P.CompletionRequest, P.CompletionResponse,
+                                                   P.CompletionResponse))(server.completions)
+    app.post("/v1/chat/completions", **_generation_docs(
+        P.ChatCompletionRequest, P.ChatCompletionResponse, P.ChatCompletionChunk))(server.chat_completions)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList, responses=_errors(401, 403))
     async def models(request: Request):
         server.check_auth(request)
-        card = P.ModelCard(id=served_model_name, max_model_len=server.max_model_len)
-        return P.ModelList(data=[card]).model_dump()
+        return P.ModelList(data=[P.ModelCard(id=served_model_name, max_model_len=server.max_model_len)])
 
-    @app.get("/health")
+    @app.get("/health", response_model=P.Health,
+             responses={503: {"model": P.Health, "description": "The engine has stopped"},
+                        **_errors(403)})
     async def health():
         if not async_engine._thread.is_alive():
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return {"status": "ok"}
+            return JSONResponse(P.Health(status="engine stopped").model_dump(), status_code=503)
+        return P.Health(status="ok")
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(403),
+             description="Prometheus metrics, in the text exposition format")
     async def metrics():
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+_ERRORS = {400: "The request is invalid", 401: "Missing or wrong API key",
+           403: "Refused Host or Origin header (cross-site protection)",
+           404: "No such model", 415: "The body is not application/json",
+           503: "The waiting queue is full; retry after Retry-After seconds"}
+# models the schema names by reference that FastAPI does not see: request bodies and chunks
+_REFERENCED_MODELS = [(P.CompletionRequest, "validation"), (P.ChatCompletionRequest, "validation"),
+                      (P.ChatCompletionChunk, "serialization")]
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": P.ErrorResponse, "description": _ERRORS[s]} for s in statuses}
+
+
+def _generation_docs(request: type[BaseModel], response: type[BaseModel],
+                     chunk: type[BaseModel]) -> dict:
+    """OpenAPI for a generation route: the handler parses its body itself (to check it in
+    order and answer OpenAI-style errors), so the body and answers are declared here."""
+    def ref(model: type[BaseModel]) -> dict:
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [ref(chunk), ref(P.ErrorResponse)]}}]}}}
+    return dict(
+        response_class=JSONResponse,
+        openapi_extra={"requestBody": {"required": True,
+                                       "content": {"application/json": {"schema": ref(request)}}}},
+        responses={200: {"model": response,
+                         "description": f"A {response.__name__}, or with stream: true, events "
+                                        f"each carrying a {chunk.__name__} (an ErrorResponse if "
+                                        "generation fails) and then [DONE]",
+                         "content": {"text/event-stream": {"schema": event}}},
+                   **_errors(400, 401, 403, 404, 415, 503)})
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the models the generation routes declare by reference."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema(_REFERENCED_MODELS, ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,22 +1,63 @@
 """The OpenAI wire format: request bodies (validated strictly) and response objects.
 
-Requests are strict: "5" is not an int and true is not a number, as with OpenAI. Unknown
-fields are ignored, since clients send many optional ones.
+Requests are strict: "5" is not an int and true is not a number, as with OpenAI; an
+integral float (4.0) is an int, as OpenAI accepts it. OpenAI fields this server does not
+implement are refused by name (:data:`UNSUPPORTED`) or, when they cannot change the answer,
+accepted and ignored (:data:`IGNORED`); any other unknown field is ignored, since clients
+(and vLLM-style extensions) send many.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def now() -> int:
+    return int(time.time())
+
+
 # ---- requests ---------------------------------------------------------------------------
+# OpenAI request fields not implemented here, with the values that ask for nothing (what
+# clients send by default). Any other value gets a 400 naming the field.
+UNSUPPORTED: dict[str, tuple] = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    "logit_bias": (None, {}), "suffix": (None, ""), "store": (None, False),
+}
+# OpenAI request fields accepted and ignored: they label or route a request, or only
+# matter together with a field above, and never change the answer.
+IGNORED = ("user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+           "parallel_tool_calls")
+
+
+def unsupported_field(body: dict) -> str | None:
+    """The first field of `body` that asks for something this server does not implement."""
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(type(value) is type(n) and value == n for n in neutral):
+            return name
+    return None
+
+
+def _integral(value):
+    """4.0 -> 4; anything else is left for the strict int check (which refuses 4.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
@@ -26,30 +67,28 @@ class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions (vLLM's extensions included)."""
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: Int = Field(1, ge=1, le=16)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    seed: Int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
 
 class TextPart(BaseModel):
@@ -71,10 +110,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -102,7 +141,7 @@ class CompletionChoice(BaseModel):
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
@@ -137,7 +176,7 @@ class ChatChoice(BaseModel):
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
@@ -163,7 +202,7 @@ class ChatChunkChoice(BaseModel):
 class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
@@ -172,7 +211,7 @@ class ChatCompletionChunk(BaseModel):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int = Field(default_factory=now)
     owned_by: str = "miaotui"
     max_model_len: int
 
@@ -180,6 +219,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "engine stopped"]
 
 
 class ErrorInfo(BaseModel):
