@@ -92,9 +92,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together (default: 1 for generate and chat, else 64)")
     g.add_argument("--max-num-batched-tokens", type=at_least(1), default=2048, help="tokens per engine step")
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-decode-delay", type=positive, default=None, metavar="X",
+    g.add_argument("--max-decode-delay", type=at_least(0.0, float), default=None, metavar="X",
                    help="while streams decode, cut long prompts into chunks so that a step takes at "
-                        "most ~X decode steps (default: off; serve: 2.5)")
+                        "most ~X decode steps (0: off; default: off, serve: 2.5)")
     g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
     g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
                    help="Jinja file, built-in name or template text (default: the model's own)")

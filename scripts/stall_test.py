@@ -123,6 +123,7 @@ def main() -> int:
     p.add_argument("--tail", type=int, default=5, help="stream tokens kept after the long request")
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole measurement")
     p.add_argument("--out", default=None, help="also write the JSON report here")
+    p.set_defaults(max_decode_delay=2.5)   # as `miaotui serve`; --max-decode-delay to change
     args = p.parse_args()
 
     llm = load_llm(args)
@@ -138,6 +139,7 @@ def main() -> int:
     result = report(args, len(long_ids), arrivals, marks)
     result["engine"] = {"model": llm.engine.model_path,
                         "max_num_batched_tokens": args.max_num_batched_tokens,
+                        "max_decode_delay": args.max_decode_delay,
                         "max_num_seqs": args.max_num_seqs}
     text = json.dumps(result, indent=2)
     print(text)

@@ -180,7 +180,7 @@ def test_long_prompt_yields_to_decoding_streams(tiny_llama_dir, alone):
     assert sch.decode_step_s is not None
     sch.decode_step_s = 0.01
     sch.observe([(sch.running[0], 1), (sch.running[0], 1)], 0.01)   # decode-only: no change
-    assert sch.prompt_cap == llm.engine.config.max_num_batched_tokens
+    assert sch.prompt_cap == 16                         # the start: small, then adapted
     long = prompts(1, seed=5, lo=110, hi=120)[0]
     llm.engine.add_request("long", long, GREEDY)
 

@@ -27,7 +27,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_decode_delay = max_decode_delay
-        self.prompt_cap = max_num_batched_tokens  # prompt tokens a step may take while decoding
+        self.prompt_cap = min(16, max_num_batched_tokens)  # prompt tokens a step may take while
+                                                           # decoding: starts small, adapts
         self.decode_step_s: float | None = None   # running mean of decode-only steps
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -148,6 +148,8 @@ Cache cache_of(const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks, c
 // prompt token of a long prefill chunk, of a short one, or a decode token, and whatever
 // else is in the step (flash-decoding splits by thread count would not be).
 constexpr int64_t kKeyRun = 64;
+constexpr int64_t kTokenBlock = 64;  // query tokens whose partial results are kept at once
+constexpr int64_t kGroup = 16;       // query tokens of one sequence that share a job
 
 // Attention of T query tokens over the paged cache. Token t is at position pos[t] of the
 // sequence whose block table is row seq[t] (or row t when seq is null) of tables [., nblk];
@@ -159,49 +161,81 @@ struct PagedAttention {
 
   void run(const Cache& c, int64_t T, const float* q, int64_t ldq, const int64_t* tables, int64_t nblk,
            const int64_t* seq, const int64_t* pos, int64_t window, float* out, int64_t ldo) const {
-    const int64_t g = nh / nkv, part = g * (hd + 2);
-    struct Job { int64_t t, kh, i0, i1; };
-    std::vector<Job> jobs;
-    std::vector<int64_t> first(T * nkv + 1);  // jobs of (t, kh): first[t * nkv + kh] ..
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t p = pos[t], lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const int64_t p = pos[t], lo = first_key(p, window);
       TORCH_CHECK(p >= 0 && p < nblk * bs, "position outside the block table");
       const int64_t* tb = tables + (seq ? seq[t] : t) * nblk;
       for (int64_t blk = lo / bs; blk <= p / bs; ++blk)
         TORCH_CHECK(tb[blk] >= 0 && (tb[blk] + 1) * bs <= c.slots, "block out of range");
-      for (int64_t kh = 0; kh < nkv; ++kh) {
-        first[t * nkv + kh] = static_cast<int64_t>(jobs.size());
-        for (int64_t i0 = lo; i0 <= p; i0 = (i0 / kKeyRun + 1) * kKeyRun)
-          jobs.push_back({t, kh, i0, std::min(p + 1, (i0 / kKeyRun + 1) * kKeyRun)});
-      }
     }
-    first[T * nkv] = static_cast<int64_t>(jobs.size());
-    std::vector<float> partials(jobs.size() * part);
+    // tokens a block at a time: the partial results of a block's runs stay small
+    for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock)
+      run_block(c, t0, std::min(T, t0 + kTokenBlock), q, ldq, tables, nblk, seq, pos, window, out, ldo);
+  }
+
+  static int64_t first_key(int64_t p, int64_t window) {
+    return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+  }
+
+  // Tokens t0..t1. A job is one run of keys for one KV head and a group of up to kGroup
+  // consecutive tokens of one sequence (a prompt chunk's): the run's K/V rows come from
+  // memory once for the group, then from L1 for each token, whose own arithmetic is what
+  // it would be alone (its part of the run, clipped to its keys).
+  void run_block(const Cache& c, int64_t t0, int64_t t1, const float* q, int64_t ldq, const int64_t* tables,
+                 int64_t nblk, const int64_t* seq, const int64_t* pos, int64_t window, float* out,
+                 int64_t ldo) const {
+    const int64_t g = nh / nkv, part = g * (hd + 2), n = t1 - t0;
+    std::vector<int64_t> r0(n), first(n + 1);  // token t's runs r0[t].. at partials first[t]..
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t p = pos[t0 + t];
+      r0[t] = first_key(p, window) / kKeyRun;
+      first[t + 1] = first[t] + (p / kKeyRun - r0[t] + 1) * nkv;
+    }
+    struct Job { int64_t a, b, kh, r; };  // tokens a..b (block-relative), KV head, run
+    std::vector<Job> jobs;
+    for (int64_t a = 0; a < n;) {
+      const int64_t s = seq ? seq[t0 + a] : t0 + a;
+      int64_t b = a + 1;
+      while (b < n && b - a < kGroup && seq && seq[t0 + b] == s) ++b;
+      int64_t rmin = r0[a], rmax = 0;
+      for (int64_t t = a; t < b; ++t) rmin = std::min(rmin, r0[t]), rmax = std::max(rmax, pos[t0 + t] / kKeyRun);
+      for (int64_t kh = 0; kh < nkv; ++kh)
+        for (int64_t r = rmin; r <= rmax; ++r) jobs.push_back({a, b, kh, r});
+      a = b;
+    }
+    std::vector<float> partials(first[n] * part);
     parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const Job& jb = jobs[j];
-        const float* qt = q + jb.t * ldq + jb.kh * g * hd;
-        const int64_t* tb = tables + (seq ? seq[jb.t] : jb.t) * nblk;
-        float* p = partials.data() + j * part;
-        if (c.dtype == at::kChar)
-          attend(static_cast<const int8_t*>(c.k), static_cast<const int8_t*>(c.v), c.ks, c.vs, jb.kh, qt, g,
-                 tb, jb.i0, jb.i1 - jb.i0, p);
-        else if (c.dtype == at::kHalf)
-          attend(static_cast<const half_t*>(c.k), static_cast<const half_t*>(c.v), nullptr, nullptr, jb.kh,
-                 qt, g, tb, jb.i0, jb.i1 - jb.i0, p);
-        else
-          attend(static_cast<const float*>(c.k), static_cast<const float*>(c.v), nullptr, nullptr, jb.kh, qt,
-                 g, tb, jb.i0, jb.i1 - jb.i0, p);
+        for (int64_t t = jb.a; t < jb.b; ++t) {
+          const int64_t p = pos[t0 + t], lo = std::max(first_key(p, window), jb.r * kKeyRun),
+                        hi = std::min(p + 1, (jb.r + 1) * kKeyRun);
+          if (lo >= hi) continue;  // not one of this token's runs
+          const float* qt = q + (t0 + t) * ldq + jb.kh * g * hd;
+          const int64_t* tb = tables + (seq ? seq[t0 + t] : t0 + t) * nblk;
+          const int64_t runs = (first[t + 1] - first[t]) / nkv;  // (t, kh, r) at first[t] + kh * runs + r - r0
+          float* pp = partials.data() + (first[t] + jb.kh * runs + jb.r - r0[t]) * part;
+          if (c.dtype == at::kChar)
+            attend(static_cast<const int8_t*>(c.k), static_cast<const int8_t*>(c.v), c.ks, c.vs, jb.kh, qt, g,
+                   tb, lo, hi - lo, pp);
+          else if (c.dtype == at::kHalf)
+            attend(static_cast<const half_t*>(c.k), static_cast<const half_t*>(c.v), nullptr, nullptr, jb.kh,
+                   qt, g, tb, lo, hi - lo, pp);
+          else
+            attend(static_cast<const float*>(c.k), static_cast<const float*>(c.v), nullptr, nullptr, jb.kh, qt,
+                   g, tb, lo, hi - lo, pp);
+        }
       }
     });
     // o = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c,  M = max_c m_c, runs in order
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t runs = (first[t + 1] - first[t]) / nkv;
       for (int64_t kh = 0; kh < nkv; ++kh)
         for (int64_t h = 0; h < g; ++h) {
-          const int64_t c0 = first[t * nkv + kh], c1 = first[t * nkv + kh + 1];
+          const int64_t c0 = first[t] + kh * runs, c1 = c0 + runs;
           float m = -INFINITY, lsum = 0.0f;
           for (int64_t ci = c0; ci < c1; ++ci) m = std::max(m, partials[ci * part + g * hd + 2 * h]);
-          float* o = out + t * ldo + (kh * g + h) * hd;
+          float* o = out + (t0 + t) * ldo + (kh * g + h) * hd;
           std::fill(o, o + hd, 0.0f);
           for (int64_t ci = c0; ci < c1; ++ci) {
             const float* pc = partials.data() + ci * part;
@@ -212,6 +246,7 @@ struct PagedAttention {
           const float inv = 1.0f / lsum;
           for (int64_t e = 0; e < hd; ++e) o[e] *= inv;
         }
+    }
   }
 
   // One job: the g query heads q [g, hd] of KV head kh against the n keys at positions

@@ -10,8 +10,11 @@
 // the reduction split; BLAS gives no such promise, MKL picks kernels by shape).
 //
 // The same code serves float32 weights (rows read in place) and quantized ones with
-// float32 activations (prefill's exact path: a block of rows dequantized to float32 in a
-// thread's buffer, bit-exact with QuantWeight.dequantize, then the same tiles).
+// float32 activations (prefill's exact path). Those are dequantized with exactly
+// QuantWeight.dequantize's operations (an int to float, a multiply, an add), either a block
+// of rows at a time into a thread's buffer (many rows of x: the work is shared) or eight
+// values at a time inside the tiles (a few rows of x: no buffer round trip). Both give the
+// same bits, so which one runs may depend on the batch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
@@ -23,6 +26,9 @@
 
 namespace miaotui {
 namespace {
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(half_t v) { return _cvtsh_ss(v); }
 
 // Lanes below `count` (1..7) set: the mask of a row's last, partial eight.
 inline __m256i tail_mask(int64_t count) {
@@ -90,6 +96,118 @@ void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* 
   }
 }
 
+// Eight weights k..k+7 (k a multiple of 8) of one quantized row as float32, computed as
+// dequant_row does: the integer value (minus 8 for int4 without a min), times the scale,
+// plus the min.
+struct QRow {
+  const uint8_t* q;
+  const void *s, *m;
+};
+
+template <int kBits, bool kMin, bool kB16, typename S>
+inline __m256 qload8(const QRow& r, int64_t k, int shift) {
+  __m128i v;
+  if constexpr (kBits == 8) {
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + k));
+  } else {  // block b's byte i holds value i (low nibble) and i + 16 (high nibble)
+    const int64_t b = k / 32, off = k % 32;
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + 16 * b + off % 16));
+    if (off >= 16) v = _mm_srli_epi16(v, 4);
+    v = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+    if (!kMin) v = _mm_sub_epi8(v, _mm_set1_epi8(8));
+  }
+  const int64_t si = kB16 ? k / 16 : (k / 32) >> shift;
+  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                           _mm256_set1_ps(to_f32(static_cast<const S*>(r.s)[si])));
+  if (kMin) f = _mm256_add_ps(f, _mm256_set1_ps(to_f32(static_cast<const S*>(r.m)[si])));
+  return f;
+}
+
+// tile() for a quantized W, each eight weights dequantized once for the TM rows of x.
+template <int kBits, bool kMin, bool kB16, typename S, int TM, int TN>
+inline void qtile(const float* x, int64_t ldx, const QRow* rows, int shift, int64_t K, float* y,
+                  int64_t ldy) {
+  __m256 acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t full = K / 8 * 8;
+  for (int64_t k = 0; k < full; k += 8) {
+    __m256 xv[TM];
+    for (int i = 0; i < TM; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < TN; ++j) {
+      const __m256 wv = qload8<kBits, kMin, kB16, S>(rows[j], k, shift);
+      for (int i = 0; i < TM; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  if (full < K) {  // as tile(): both operands zero past K
+    const __m256i m = tail_mask(K - full);
+    for (int j = 0; j < TN; ++j) {
+      const __m256 wv = _mm256_and_ps(qload8<kBits, kMin, kB16, S>(rows[j], full, shift), _mm256_castsi256_ps(m));
+      for (int i = 0; i < TM; ++i)
+        acc[i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(x + i * ldx + full, m), wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) y[i * ldy + j] = hsum(acc[i][j]);
+}
+
+template <int kBits, bool kMin, bool kB16, typename S, int TM, int TN>
+void qtiles_tn(const float* x, int64_t ldx, const Weights& w, int64_t n0, int64_t n1, int64_t K, float* y,
+               int64_t ldy) {
+  QRow rows[TN];
+  const int es = static_cast<int>(sizeof(S));
+  for (int64_t n = n0; n < n1; n += TN) {
+    const int tn = static_cast<int>(std::min<int64_t>(TN, n1 - n));
+    for (int j = 0; j < tn; ++j) {
+      const int64_t r = n + j;
+      rows[j] = {w.q + r * w.row_bytes, static_cast<const char*>(w.scale) + r * w.nwb * es,
+                 w.min ? static_cast<const char*>(w.min) + r * w.nwb * es : nullptr};
+    }
+    float* yo = y + (n - n0);
+    switch (tn) {
+      case TN: qtile<kBits, kMin, kB16, S, TM, TN>(x, ldx, rows, w.shift, K, yo, ldy); break;
+      case 1: qtile<kBits, kMin, kB16, S, TM, 1>(x, ldx, rows, w.shift, K, yo, ldy); break;
+      case 2: qtile<kBits, kMin, kB16, S, TM, 2>(x, ldx, rows, w.shift, K, yo, ldy); break;
+      case 3: qtile<kBits, kMin, kB16, S, TM, 3>(x, ldx, rows, w.shift, K, yo, ldy); break;
+      default: qtile<kBits, kMin, kB16, S, TM, 4>(x, ldx, rows, w.shift, K, yo, ldy); break;
+    }
+  }
+}
+
+// All T rows of x against rows n0..n1 of a quantized W, dequantized inside the tiles.
+template <int kBits, bool kMin, bool kB16, typename S>
+void qrows_t(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 3 <= T; t += 3) qtiles_tn<kBits, kMin, kB16, S, 3, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
+  if (T - t == 2) qtiles_tn<kBits, kMin, kB16, S, 2, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
+  if (T - t == 1) qtiles_tn<kBits, kMin, kB16, S, 1, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
+}
+
+template <typename S>
+void qrows_s(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
+             float* y, int64_t ldy) {
+  const bool mn = w.min != nullptr;
+  if (w.bits == 4) {
+    if (mn) qrows_t<4, true, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
+    else qrows_t<4, false, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
+  } else if (w.b16) {
+    qrows_t<8, false, true, S>(x, ldx, T, K, w, n0, n1, y, ldy);  // block 16: int8, no min
+  } else {
+    if (mn) qrows_t<8, true, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
+    else qrows_t<8, false, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
+  }
+}
+
+void qrows(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
+           float* y, int64_t ldy) {
+  if (w.half) qrows_s<half_t>(x, ldx, T, K, w, n0, n1, y, ldy);
+  else qrows_s<float>(x, ldx, T, K, w, n0, n1, y, ldy);
+}
+
+// Up to this many rows of x, quantized weights are dequantized inside the tiles.
+constexpr int64_t kInlineDequantRows = 8;
+
 // Rows of W per job: about 128 KB of float32 weights, a multiple of 8.
 int64_t block_rows(int64_t K) { return std::clamp<int64_t>((128 << 10) / (4 * K) / 8 * 8, 8, 256); }
 
@@ -123,6 +241,12 @@ void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const W
                       int64_t ldy) {
   TORCH_CHECK(K <= w.K, "x is wider than the weight");
   if (T == 0 || w.N == 0) return;
+  if (T <= kInlineDequantRows) {
+    split(T, w.N, 32, [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+      qrows(x + t0 * ldx, ldx, t1 - t0, K, w, n0, n1, y + t0 * ldy + n0, ldy);
+    });
+    return;
+  }
   split(T, w.N, block_rows(w.K), [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
     thread_local std::vector<float> buf;
     buf.resize((n1 - n0) * w.K);

@@ -104,4 +104,4 @@ def add_parser(subparsers) -> None:
                    help="web origins allowed to call the server from a browser (CORS), comma-"
                         "separated, e.g. http://localhost:3000; '*' for any (default: none)")
     g.add_argument("--log-level", default="warning", help="uvicorn log level")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, max_decode_delay=2.5)   # streams keep flowing under long prompts
