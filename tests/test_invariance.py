@@ -17,7 +17,7 @@ from miaotui.loader import default_model_path
 from util import make_tiny_model
 
 # prompt lengths in tokens: 1 and 2 (shorter than a block), around block edges (16), and
-# long ones (several 64-key attention runs, several 64-token chunks)
+# long ones (several 128-key attention runs, several 64-token chunks)
 LENGTHS = [1, 2, 3, 5, 8, 15, 16, 17, 31, 33, 64, 65, 100, 150, 230, 420]
 
 

@@ -3,11 +3,12 @@
 For the weight shapes of SmolLM2-135M and TinyLlama-1.1B ("in->out") and M rows of x it
 times x @ W.T done by:
 
-  fp32          torch matmul on a float32 weight (the baseline)
+  fp32          torch matmul (BLAS) on a float32 weight (the baseline)
+  fp32:ours     our batch-invariant float32 kernel (what the engine runs for float32 weights)
   torch_int8    torch.ops.aten._weight_int8pack_mm (int8, a scale per row)
   torch_int4    torch.ops.aten._weight_int4pack_mm_for_cpu (int4, groups of 32)
-  <format>:int  our C++ kernel: x quantized to int8 per 32, integer dot products
-  <format>:blas our C++ dequantization of row tiles to float32, then torch matmul
+  <format>:int  our C++ kernel: x quantized to int8 per 32, integer dot products (decode)
+  <format>:exact  our batch-invariant float32 kernel on the dequantized weight (prompts)
   <format>:torch  dequantization by PyTorch, then torch matmul (the no-kernel fallback)
   int8:f32x     a C++ int8-weight kernel on float32 x (M=1 only; no activation rounding)
 
@@ -22,8 +23,8 @@ machine a two-thread run stalls whenever the second thread waits for a core; the
 Weights rotate over copies that together exceed the 32 MiB L3, so small M reads them
 from DRAM as decoding a whole model does. GB/s = bytes of weight data (scales included)
 / time; the machine's memory bandwidth is ~21-26 GB/s. ``QuantWeight.matmul`` takes
-``:int`` below ``quant.LARGE_T`` rows and ``:blas`` from there on; the crossover in the
-JSON is what sets that constant.
+``:int`` for generated tokens and ``:exact`` for prompt tokens, whatever M (batch
+invariance: the path depends on the token, not on the batch).
 """
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ def _candidates(w: torch.Tensor, m: int, formats: list[str], k, cross: bool = Fa
     out = {}
     fp = _Rotating(w.clone, w.numel() * 4, rotate)
     out["fp32"] = (lambda x: x @ fp.next().T, w.numel() * 4)
+    if k is not None:
+        out["fp32:ours"] = (lambda x: k.f32_matmul(x, fp.next()), w.numel() * 4)
     q8 = Q.quantize_int8(w)
     if kin % 32 == 0 and (m <= 8 or n * kin <= 1 << 22):  # torch's ops take seconds at large M
         t8 = _Rotating(lambda: (q8.q.clone(), q8.scale.view(-1).clone()), q8.nbytes(), rotate)
@@ -120,8 +123,7 @@ def _candidates(w: torch.Tensor, m: int, formats: list[str], k, cross: bool = Fa
             if m <= 64 or cross:
                 out[f"{f}:int"] = (lambda x, p=pool: p.next()._matmul_int8(k, x), nb)
             if m >= 8 or cross:
-                out[f"{f}:blas"] = (lambda x, p=pool: (lambda q: q._matmul_tiles(
-                    x, lambda a, b: k.dequant(*q._kernel_args(), a, b)))(p.next()), nb)
+                out[f"{f}:exact"] = (lambda x, p=pool: k.qf32_matmul(x, *p.next()._kernel_args()), nb)
             if f == "int8" and m == 1:
                 out["int8:f32x"] = (lambda x, p=pool: (lambda q: k.int8_f32_gemv(
                     torch.nn.functional.pad(x, (0, q.padded_in - q.in_features)), q.q, q.scale,
@@ -174,11 +176,6 @@ def run(models: list[str], ms: list[int], formats: list[str], budget_s: float = 
                         gflops=2 * m * n * kin / med / 1e9, speedup_vs_fp32=base / med))
                 del cands
                 _print_block(rows, model, f"{kin}->{n}", m)
-    # what QuantWeight.matmul picks: the int kernel below LARGE_T rows, else BLAS
-    for r in list(rows):
-        fmt, _, path = r["candidate"].partition(":")
-        if fmt in FORMATS and path == ("int" if r["M"] < Q.LARGE_T else "blas"):
-            rows.append({**r, "candidate": f"{fmt}:matmul"})
     return rows
 
 
@@ -224,7 +221,7 @@ def main(argv=None) -> None:
                    help="one thread, timed by its CPU time: per-core numbers that other "
                         "processes on the machine disturb less")
     p.add_argument("--all-paths", action="store_true",
-                   help="time :int and :blas at every M (to find the crossover)")
+                   help="time :int and :exact at every M")
     p.add_argument("--json", default="bench_kernels.json", help="where to write the results")
     a = p.parse_args(argv)
     global _clock

@@ -147,7 +147,7 @@ Cache cache_of(const at::Tensor& k, const at::Tensor& v, const at::Tensor& ks, c
 // merged in position order. So a token's attention output is the same whether it is a
 // prompt token of a long prefill chunk, of a short one, or a decode token, and whatever
 // else is in the step (flash-decoding splits by thread count would not be).
-constexpr int64_t kKeyRun = 64;
+constexpr int64_t kKeyRun = 128;
 constexpr int64_t kTokenBlock = 64;  // query tokens whose partial results are kept at once
 constexpr int64_t kGroup = 16;       // query tokens of one sequence that share a job
 

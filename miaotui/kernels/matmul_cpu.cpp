@@ -1,4 +1,5 @@
-// Float32 matmuls whose every output is computed the same way whatever the batch.
+// Float32 matmuls whose every output is computed the same way whatever the batch (the
+// AVX2 tiles here; matmul_avx512.cpp has the same with 16 lanes, used where the CPU can).
 //
 // y[t, n] = x[t] . W[n] is one chain of eight-lane FMAs over k (k = 0, 8, 16, ...; a
 // masked tail), then a fixed horizontal sum. Tiles of several rows of x and of W only run
@@ -20,8 +21,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "matmul_isa.h"
 #include "quant_cpu.h"
 
 namespace miaotui {
@@ -85,8 +89,20 @@ inline void tiles_tn(const float* x, int64_t ldx, const float* w, int64_t ldw, i
 
 // All T rows of x against N rows of W (a block that stays in L2), 48 rows of x at a time
 // (so they stay in L2 too): three rows of x by four of W (12 chains), a lone row by eight.
+// 16-lane AVX-512 tiles where the CPU has them (MIAOTUI_NO_AVX512=1: the AVX2 ones).
+bool use_avx512() {
+  static const bool yes = [] {
+    const char* off = std::getenv("MIAOTUI_NO_AVX512");
+    return !(off && *off && std::string(off) != "0") && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw");
+  }();
+  return yes;
+}
+
 void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
                 int64_t N, float* y, int64_t ldy) {
+  if (use_avx512()) return avx512::f32_rows(x, ldx, T, K, w, ldw, N, y, ldy);
   for (int64_t t0 = 0; t0 < T; t0 += 48) {
     const int64_t t1 = std::min(T, t0 + 48);
     int64_t t = t0;
@@ -201,6 +217,10 @@ void qrows_s(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w
 
 void qrows(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
            float* y, int64_t ldy) {
+  if (use_avx512()) {
+    const QuantRows qr{w.q, w.scale, w.min, w.row_bytes, w.nwb, w.shift, w.bits, w.half, w.b16};
+    return avx512::q_rows(x, ldx, T, K, qr, n0, n1, y, ldy);
+  }
   if (w.half) qrows_s<half_t>(x, ldx, T, K, w, n0, n1, y, ldy);
   else qrows_s<float>(x, ldx, T, K, w, n0, n1, y, ldy);
 }

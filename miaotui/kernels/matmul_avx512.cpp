@@ -1,0 +1,148 @@
+// matmul_cpu.cpp's tiles with 16-lane AVX-512 vectors, for CPUs that have them (chosen at
+// run time: the rest of the package is built for AVX2). Each output is again one fixed
+// FMA chain (sixteen lanes over k, then a fixed horizontal sum), whatever the tile, so a
+// row's result never depends on the batch; it differs from the AVX2 result in the last
+// bits, which only matters across machines.
+//
+// This file is compiled for AVX-512 as a whole, so it includes no header with inline
+// functions other files share (torch's, the standard library's): the linker could
+// otherwise keep an AVX-512 copy of one for every caller.
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,fma,f16c")
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "matmul_isa.h"
+
+namespace miaotui {
+namespace avx512 {
+namespace {
+
+inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
+inline float to_f32(const void* s, int64_t i, bool half) {
+  return half ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
+}
+
+// Eight weights k..k+7 of a quantized row, as dequant_row computes them (quant_cpu.cpp).
+inline __m256 qload8(const QuantRows& w, const uint8_t* q, const void* s, const void* m, int64_t k) {
+  __m128i v;
+  if (w.bits == 8) {
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+  } else {
+    const int64_t b = k / 32, off = k % 32;
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * b + off % 16));
+    if (off >= 16) v = _mm_srli_epi16(v, 4);
+    v = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+    if (!m) v = _mm_sub_epi8(v, _mm_set1_epi8(8));
+  }
+  const int64_t si = w.b16 ? k / 16 : (k / 32) >> w.shift;
+  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_set1_ps(to_f32(s, si, w.half)));
+  if (m) f = _mm256_add_ps(f, _mm256_set1_ps(to_f32(m, si, w.half)));
+  return f;
+}
+
+// W's rows as tile() reads them: float32 rows, or a quantized weight dequantized sixteen
+// values at a time.
+struct Dense {
+  const float* w;
+  int64_t ldw;
+  __m512 load(int j, int64_t k) const { return _mm512_loadu_ps(w + j * ldw + k); }
+  __m512 load_tail(int j, int64_t k, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, w + j * ldw + k); }
+};
+
+struct Quant {
+  const QuantRows* w;
+  int64_t n0;
+  __m512 load(int j, int64_t k) const {
+    const int64_t r = n0 + j, es = w->half ? 2 : 4;
+    const uint8_t* q = w->q + r * w->row_bytes;
+    const void* s = static_cast<const char*>(w->scale) + r * w->nwb * es;
+    const void* m = w->min ? static_cast<const char*>(w->min) + r * w->nwb * es : nullptr;
+    return _mm512_insertf32x8(_mm512_castps256_ps512(qload8(*w, q, s, m, k)), qload8(*w, q, s, m, k + 8), 1);
+  }
+  // past K the values are zero, as a masked load of a dequantized row would give
+  __m512 load_tail(int j, int64_t k, __mmask16 m) const { return _mm512_maskz_mov_ps(m, load(j, k)); }
+};
+
+template <int TM, int TN, typename W>
+inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[TM][TN];
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t full = K / 16 * 16;
+  for (int64_t k = 0; k < full; k += 16) {
+    __m512 xv[TM];
+    for (int i = 0; i < TM; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < TN; ++j) {
+      const __m512 wv = w.load(j, k);
+      for (int i = 0; i < TM; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  if (full < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - full)) - 1);
+    for (int j = 0; j < TN; ++j) {
+      const __m512 wv = w.load_tail(j, full, m);
+      for (int i = 0; i < TM; ++i)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i * ldx + full), wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) {  // a fixed sum: halves, then quarters, ... of the lanes
+      const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]), _mm512_extractf32x8_ps(acc[i][j], 1));
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_movehdup_ps(s));
+      y[i * ldy + j] = _mm_cvtss_f32(s);
+    }
+}
+
+template <int TM, int TN, typename W>
+inline void tiles_tn(const float* x, int64_t ldx, W w, int64_t K, int64_t N, float* y, int64_t ldy,
+                     W (*at)(const W&, int64_t)) {
+  int64_t n = 0;
+  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, at(w, n), K, y + n, ldy);
+  const W r = at(w, n);
+  switch (N - n) {
+    case 0: break;
+    case 1: tile<TM, 1>(x, ldx, r, K, y + n, ldy); break;
+    case 2: tile<TM, 2>(x, ldx, r, K, y + n, ldy); break;
+    case 3: tile<TM, 3>(x, ldx, r, K, y + n, ldy); break;
+    case 4: tile<TM, 4>(x, ldx, r, K, y + n, ldy); break;
+    case 5: tile<TM, 5>(x, ldx, r, K, y + n, ldy); break;
+    case 6: tile<TM, 6>(x, ldx, r, K, y + n, ldy); break;
+    default: tile<TM, 7>(x, ldx, r, K, y + n, ldy); break;
+  }
+}
+
+Dense dense_at(const Dense& d, int64_t n) { return {d.w + n * d.ldw, d.ldw}; }
+Quant quant_at(const Quant& q, int64_t n) { return {q.w, q.n0 + n}; }
+
+// Rows of x, 48 at a time (they stay in L2), by tiles of four rows of x and four of W (a
+// lone row of x: eight of W).
+template <typename W>
+void rows(const float* x, int64_t ldx, int64_t T, int64_t K, W w, int64_t N, float* y, int64_t ldy,
+          W (*at)(const W&, int64_t)) {
+  for (int64_t t0 = 0; t0 < T; t0 += 48) {
+    const int64_t t1 = lesser(T, t0 + 48);
+    int64_t t = t0;
+    for (; t + 4 <= t1; t += 4) tiles_tn<4, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
+    if (t1 - t == 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
+    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
+    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
+  }
+}
+
+}  // namespace
+
+void f32_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy) {
+  rows<Dense>(x, ldx, T, K, {w, ldw}, N, y, ldy, dense_at);
+}
+
+void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& w, int64_t n0, int64_t n1,
+            float* y, int64_t ldy) {
+  rows<Quant>(x, ldx, T, K, {&w, n0}, n1 - n0, y, ldy, quant_at);
+}
+
+}  // namespace avx512
+}  // namespace miaotui

@@ -1,0 +1,27 @@
+// What matmul_cpu.cpp hands to its AVX-512 twin (matmul_avx512.cpp), in plain types: that
+// file is compiled for AVX-512 and must not include torch's headers.
+#pragma once
+#include <cstdint>
+
+namespace miaotui {
+
+// A quantized [N, K] weight as quant_cpu.h's Weights describes it.
+struct QuantRows {
+  const uint8_t* q;
+  const void* scale;
+  const void* min;  // nullptr: none
+  int64_t row_bytes, nwb;
+  int shift, bits;
+  bool half, b16;
+};
+
+namespace avx512 {
+// y[t, n] = x[t] . W[n] for all T rows of x and N rows of W, on the calling thread.
+void f32_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy);
+// The same against rows n0..n1 of a quantized W, dequantized inside the tiles.
+void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& w, int64_t n0, int64_t n1,
+            float* y, int64_t ldy);
+}  // namespace avx512
+
+}  // namespace miaotui
