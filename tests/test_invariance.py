@@ -13,7 +13,6 @@ import os
 import pytest
 
 from miaotui import LLM, SamplingParams
-from miaotui.loader import default_model_path
 from util import make_tiny_model
 
 # prompt lengths in tokens: 1 and 2 (shorter than a block), around block edges (16), and
@@ -68,14 +67,6 @@ def _check_all_ways(path: str, prompts_for, n_tokens: int, **engine) -> None:
         assert out.token_ids == one[0], f"sample {i} of n=4 differs from n=1"
     greedy4 = ref.generate([p], SamplingParams(temperature=0, n=4, max_tokens=n_tokens, ignore_eos=True))
     assert all(o.token_ids == _alone(ref, [p], _greedy(n_tokens))[0] for o in greedy4[0].outputs)
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    try:
-        return default_model_path()
-    except Exception as e:
-        pytest.skip(str(e))
 
 
 def test_default_model_is_batch_invariant(smollm2_path):

@@ -5,17 +5,8 @@ import pytest
 import torch
 
 from miaotui import LLM, SamplingParams
-from miaotui.loader import default_model_path
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_path():
-    try:
-        return default_model_path()
-    except Exception as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

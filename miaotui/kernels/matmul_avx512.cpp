@@ -48,6 +48,7 @@ struct Dense {
   int64_t ldw;
   __m512 load(int j, int64_t k) const { return _mm512_loadu_ps(w + j * ldw + k); }
   __m512 load_tail(int j, int64_t k, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, w + j * ldw + k); }
+  Dense at(int64_t n) const { return {w + n * ldw, ldw}; }
 };
 
 struct Quant {
@@ -62,6 +63,7 @@ struct Quant {
   }
   // past K the values are zero, as a masked load of a dequantized row would give
   __m512 load_tail(int j, int64_t k, __mmask16 m) const { return _mm512_maskz_mov_ps(m, load(j, k)); }
+  Quant at(int64_t n) const { return {w, n0 + n}; }
 };
 
 template <int TM, int TN, typename W>
@@ -97,11 +99,10 @@ inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, i
 }
 
 template <int TM, int TN, typename W>
-inline void tiles_tn(const float* x, int64_t ldx, W w, int64_t K, int64_t N, float* y, int64_t ldy,
-                     W (*at)(const W&, int64_t)) {
+inline void tiles_tn(const float* x, int64_t ldx, const W& w, int64_t K, int64_t N, float* y, int64_t ldy) {
   int64_t n = 0;
-  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, at(w, n), K, y + n, ldy);
-  const W r = at(w, n);
+  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, w.at(n), K, y + n, ldy);
+  const W r = w.at(n);
   switch (N - n) {
     case 0: break;
     case 1: tile<TM, 1>(x, ldx, r, K, y + n, ldy); break;
@@ -114,21 +115,17 @@ inline void tiles_tn(const float* x, int64_t ldx, W w, int64_t K, int64_t N, flo
   }
 }
 
-Dense dense_at(const Dense& d, int64_t n) { return {d.w + n * d.ldw, d.ldw}; }
-Quant quant_at(const Quant& q, int64_t n) { return {q.w, q.n0 + n}; }
-
 // Rows of x, 48 at a time (they stay in L2), by tiles of four rows of x and four of W (a
 // lone row of x: eight of W).
 template <typename W>
-void rows(const float* x, int64_t ldx, int64_t T, int64_t K, W w, int64_t N, float* y, int64_t ldy,
-          W (*at)(const W&, int64_t)) {
+void rows(const float* x, int64_t ldx, int64_t T, int64_t K, const W& w, int64_t N, float* y, int64_t ldy) {
   for (int64_t t0 = 0; t0 < T; t0 += 48) {
     const int64_t t1 = lesser(T, t0 + 48);
     int64_t t = t0;
-    for (; t + 4 <= t1; t += 4) tiles_tn<4, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
-    if (t1 - t == 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
-    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
-    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy, at);
+    for (; t + 4 <= t1; t += 4) tiles_tn<4, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t == 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
   }
 }
 
@@ -136,12 +133,12 @@ void rows(const float* x, int64_t ldx, int64_t T, int64_t K, W w, int64_t N, flo
 
 void f32_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
               float* y, int64_t ldy) {
-  rows<Dense>(x, ldx, T, K, {w, ldw}, N, y, ldy, dense_at);
+  rows(x, ldx, T, K, Dense{w, ldw}, N, y, ldy);
 }
 
 void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& w, int64_t n0, int64_t n1,
             float* y, int64_t ldy) {
-  rows<Quant>(x, ldx, T, K, {&w, n0}, n1 - n0, y, ldy, quant_at);
+  rows(x, ldx, T, K, Quant{&w, n0}, n1 - n0, y, ldy);
 }
 
 }  // namespace avx512

@@ -40,10 +40,50 @@ inline __m256i tail_mask(int64_t count) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// W's rows as the tiles read them, eight values at a time: float32 rows read in place, or
+// a quantized weight's rows dequantized on the fly. at(n): the same from row n on.
+struct Dense {
+  const float* w;
+  int64_t ldw;
+  __m256 load(int j, int64_t k) const { return _mm256_loadu_ps(w + j * ldw + k); }
+  // past K: zeros, and masked loads read nothing past the row
+  __m256 load_tail(int j, int64_t k, __m256i m) const { return _mm256_maskload_ps(w + j * ldw + k, m); }
+  Dense at(int64_t n) const { return {w + n * ldw, ldw}; }
+};
+
+// Eight weights k..k+7 (k a multiple of 8) of a quantized row as float32, computed as
+// dequant_row does: the integer value (minus 8 for int4 without a min), times the scale,
+// plus the min.
+template <int kBits, bool kMin, bool kB16, typename S>
+struct Quant {
+  const Weights* w;
+  int64_t n0;
+  __m256 load(int j, int64_t k) const {
+    const int64_t r = n0 + j;
+    const uint8_t* q = w->q + r * w->row_bytes;
+    __m128i v;
+    if constexpr (kBits == 8) {
+      v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+    } else {  // block b's byte i holds value i (low nibble) and i + 16 (high nibble)
+      const int64_t b = k / 32, off = k % 32;
+      v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 16 * b + off % 16));
+      if (off >= 16) v = _mm_srli_epi16(v, 4);
+      v = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+      if (!kMin) v = _mm_sub_epi8(v, _mm_set1_epi8(8));
+    }
+    const int64_t si = r * w->nwb + (kB16 ? k / 16 : (k / 32) >> w->shift);
+    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                             _mm256_set1_ps(to_f32(static_cast<const S*>(w->scale)[si])));
+    if (kMin) f = _mm256_add_ps(f, _mm256_set1_ps(to_f32(static_cast<const S*>(w->min)[si])));
+    return f;
+  }
+  __m256 load_tail(int j, int64_t k, __m256i m) const { return _mm256_and_ps(load(j, k), _mm256_castsi256_ps(m)); }
+  Quant at(int64_t n) const { return {w, n0 + n}; }
+};
+
 // TM rows of x against TN rows of W over all K; y[i, j] at y + i * ldy + j.
-template <int TM, int TN>
-inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y,
-                 int64_t ldy) {
+template <int TM, int TN, typename W>
+inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, int64_t ldy) {
   __m256 acc[TM][TN];
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -52,14 +92,14 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
     __m256 xv[TM];
     for (int i = 0; i < TM; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
     for (int j = 0; j < TN; ++j) {
-      const __m256 wv = _mm256_loadu_ps(w + j * ldw + k);
+      const __m256 wv = w.load(j, k);
       for (int i = 0; i < TM; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
   }
-  if (full < K) {  // masked loads read nothing past the row
+  if (full < K) {  // both operands zero past K
     const __m256i m = tail_mask(K - full);
     for (int j = 0; j < TN; ++j) {
-      const __m256 wv = _mm256_maskload_ps(w + j * ldw + full, m);
+      const __m256 wv = w.load_tail(j, full, m);
       for (int i = 0; i < TM; ++i)
         acc[i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(x + i * ldx + full, m), wv, acc[i][j]);
     }
@@ -69,26 +109,36 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
 }
 
 // Tiles of up to TM rows of x by TN rows of W, edges included.
-template <int TM, int TN>
-inline void tiles_tn(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, int64_t N,
-                     float* y, int64_t ldy) {
+template <int TM, int TN, typename W>
+inline void tiles_tn(const float* x, int64_t ldx, const W& w, int64_t K, int64_t N, float* y, int64_t ldy) {
   int64_t n = 0;
-  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
-  const float* wr = w + n * ldw;
+  for (; n + TN <= N; n += TN) tile<TM, TN>(x, ldx, w.at(n), K, y + n, ldy);
+  const W r = w.at(n);
   switch (N - n) {
     case 0: break;
-    case 1: tile<TM, 1>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    case 2: tile<TM, 2>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    case 3: tile<TM, 3>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    case 4: tile<TM, 4>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    case 5: tile<TM, 5>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    case 6: tile<TM, 6>(x, ldx, wr, ldw, K, y + n, ldy); break;
-    default: tile<TM, 7>(x, ldx, wr, ldw, K, y + n, ldy); break;
+    case 1: tile<TM, 1>(x, ldx, r, K, y + n, ldy); break;
+    case 2: tile<TM, 2>(x, ldx, r, K, y + n, ldy); break;
+    case 3: tile<TM, 3>(x, ldx, r, K, y + n, ldy); break;
+    case 4: tile<TM, 4>(x, ldx, r, K, y + n, ldy); break;
+    case 5: tile<TM, 5>(x, ldx, r, K, y + n, ldy); break;
+    case 6: tile<TM, 6>(x, ldx, r, K, y + n, ldy); break;
+    default: tile<TM, 7>(x, ldx, r, K, y + n, ldy); break;
   }
 }
 
 // All T rows of x against N rows of W (a block that stays in L2), 48 rows of x at a time
 // (so they stay in L2 too): three rows of x by four of W (12 chains), a lone row by eight.
+template <typename W>
+void rows(const float* x, int64_t ldx, int64_t T, int64_t K, const W& w, int64_t N, float* y, int64_t ldy) {
+  for (int64_t t0 = 0; t0 < T; t0 += 48) {
+    const int64_t t1 = std::min(T, t0 + 48);
+    int64_t t = t0;
+    for (; t + 3 <= t1; t += 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+  }
+}
+
 // 16-lane AVX-512 tiles where the CPU has them (MIAOTUI_NO_AVX512=1: the AVX2 ones).
 bool use_avx512() {
   static const bool yes = [] {
@@ -103,115 +153,22 @@ bool use_avx512() {
 void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
                 int64_t N, float* y, int64_t ldy) {
   if (use_avx512()) return avx512::f32_rows(x, ldx, T, K, w, ldw, N, y, ldy);
-  for (int64_t t0 = 0; t0 < T; t0 += 48) {
-    const int64_t t1 = std::min(T, t0 + 48);
-    int64_t t = t0;
-    for (; t + 3 <= t1; t += 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
-    if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
-    if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, ldw, K, N, y + t * ldy, ldy);
-  }
-}
-
-// Eight weights k..k+7 (k a multiple of 8) of one quantized row as float32, computed as
-// dequant_row does: the integer value (minus 8 for int4 without a min), times the scale,
-// plus the min.
-struct QRow {
-  const uint8_t* q;
-  const void *s, *m;
-};
-
-template <int kBits, bool kMin, bool kB16, typename S>
-inline __m256 qload8(const QRow& r, int64_t k, int shift) {
-  __m128i v;
-  if constexpr (kBits == 8) {
-    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + k));
-  } else {  // block b's byte i holds value i (low nibble) and i + 16 (high nibble)
-    const int64_t b = k / 32, off = k % 32;
-    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.q + 16 * b + off % 16));
-    if (off >= 16) v = _mm_srli_epi16(v, 4);
-    v = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-    if (!kMin) v = _mm_sub_epi8(v, _mm_set1_epi8(8));
-  }
-  const int64_t si = kB16 ? k / 16 : (k / 32) >> shift;
-  __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-                           _mm256_set1_ps(to_f32(static_cast<const S*>(r.s)[si])));
-  if (kMin) f = _mm256_add_ps(f, _mm256_set1_ps(to_f32(static_cast<const S*>(r.m)[si])));
-  return f;
-}
-
-// tile() for a quantized W, each eight weights dequantized once for the TM rows of x.
-template <int kBits, bool kMin, bool kB16, typename S, int TM, int TN>
-inline void qtile(const float* x, int64_t ldx, const QRow* rows, int shift, int64_t K, float* y,
-                  int64_t ldy) {
-  __m256 acc[TM][TN];
-  for (int i = 0; i < TM; ++i)
-    for (int j = 0; j < TN; ++j) acc[i][j] = _mm256_setzero_ps();
-  const int64_t full = K / 8 * 8;
-  for (int64_t k = 0; k < full; k += 8) {
-    __m256 xv[TM];
-    for (int i = 0; i < TM; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
-    for (int j = 0; j < TN; ++j) {
-      const __m256 wv = qload8<kBits, kMin, kB16, S>(rows[j], k, shift);
-      for (int i = 0; i < TM; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
-    }
-  }
-  if (full < K) {  // as tile(): both operands zero past K
-    const __m256i m = tail_mask(K - full);
-    for (int j = 0; j < TN; ++j) {
-      const __m256 wv = _mm256_and_ps(qload8<kBits, kMin, kB16, S>(rows[j], full, shift), _mm256_castsi256_ps(m));
-      for (int i = 0; i < TM; ++i)
-        acc[i][j] = _mm256_fmadd_ps(_mm256_maskload_ps(x + i * ldx + full, m), wv, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < TM; ++i)
-    for (int j = 0; j < TN; ++j) y[i * ldy + j] = hsum(acc[i][j]);
-}
-
-template <int kBits, bool kMin, bool kB16, typename S, int TM, int TN>
-void qtiles_tn(const float* x, int64_t ldx, const Weights& w, int64_t n0, int64_t n1, int64_t K, float* y,
-               int64_t ldy) {
-  QRow rows[TN];
-  const int es = static_cast<int>(sizeof(S));
-  for (int64_t n = n0; n < n1; n += TN) {
-    const int tn = static_cast<int>(std::min<int64_t>(TN, n1 - n));
-    for (int j = 0; j < tn; ++j) {
-      const int64_t r = n + j;
-      rows[j] = {w.q + r * w.row_bytes, static_cast<const char*>(w.scale) + r * w.nwb * es,
-                 w.min ? static_cast<const char*>(w.min) + r * w.nwb * es : nullptr};
-    }
-    float* yo = y + (n - n0);
-    switch (tn) {
-      case TN: qtile<kBits, kMin, kB16, S, TM, TN>(x, ldx, rows, w.shift, K, yo, ldy); break;
-      case 1: qtile<kBits, kMin, kB16, S, TM, 1>(x, ldx, rows, w.shift, K, yo, ldy); break;
-      case 2: qtile<kBits, kMin, kB16, S, TM, 2>(x, ldx, rows, w.shift, K, yo, ldy); break;
-      case 3: qtile<kBits, kMin, kB16, S, TM, 3>(x, ldx, rows, w.shift, K, yo, ldy); break;
-      default: qtile<kBits, kMin, kB16, S, TM, 4>(x, ldx, rows, w.shift, K, yo, ldy); break;
-    }
-  }
+  rows(x, ldx, T, K, Dense{w, ldw}, N, y, ldy);
 }
 
 // All T rows of x against rows n0..n1 of a quantized W, dequantized inside the tiles.
-template <int kBits, bool kMin, bool kB16, typename S>
-void qrows_t(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
-             float* y, int64_t ldy) {
-  int64_t t = 0;
-  for (; t + 3 <= T; t += 3) qtiles_tn<kBits, kMin, kB16, S, 3, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
-  if (T - t == 2) qtiles_tn<kBits, kMin, kB16, S, 2, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
-  if (T - t == 1) qtiles_tn<kBits, kMin, kB16, S, 1, 4>(x + t * ldx, ldx, w, n0, n1, K, y + t * ldy, ldy);
-}
-
 template <typename S>
 void qrows_s(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
              float* y, int64_t ldy) {
-  const bool mn = w.min != nullptr;
+  const int64_t N = n1 - n0;
   if (w.bits == 4) {
-    if (mn) qrows_t<4, true, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
-    else qrows_t<4, false, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
-  } else if (w.b16) {
-    qrows_t<8, false, true, S>(x, ldx, T, K, w, n0, n1, y, ldy);  // block 16: int8, no min
+    if (w.min) rows(x, ldx, T, K, Quant<4, true, false, S>{&w, n0}, N, y, ldy);
+    else rows(x, ldx, T, K, Quant<4, false, false, S>{&w, n0}, N, y, ldy);
+  } else if (w.b16) {  // block 16: int8, no min
+    rows(x, ldx, T, K, Quant<8, false, true, S>{&w, n0}, N, y, ldy);
   } else {
-    if (mn) qrows_t<8, true, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
-    else qrows_t<8, false, false, S>(x, ldx, T, K, w, n0, n1, y, ldy);
+    if (w.min) rows(x, ldx, T, K, Quant<8, true, false, S>{&w, n0}, N, y, ldy);
+    else rows(x, ldx, T, K, Quant<8, false, false, S>{&w, n0}, N, y, ldy);
   }
 }
 
