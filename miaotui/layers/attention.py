@@ -53,11 +53,15 @@ class KVCache:
     def __init__(self, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device="cpu"):
         self.quantized = dtype == torch.int8
-        self.k = torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        # The C++ kernels read only slots that were written, so the pool can stay untouched
+        # (no resident pages until used: a short `generate` does not pay for its whole
+        # context). The PyTorch fallback multiplies padded slots by zero weights: zeros.
+        new = torch.empty if device == "cpu" and kernels.load() is not None else torch.zeros
+        self.k = new(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = new(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
         if self.quantized:
-            self.k_scale = torch.zeros(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
-            self.v_scale = torch.zeros(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
+            self.k_scale = new(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
+            self.v_scale = new(num_slots, kv_heads, 1, dtype=torch.float32, device=device)
 
     def nbytes(self) -> int:
         n = self.k.nbytes + self.v.nbytes
