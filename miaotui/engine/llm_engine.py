@@ -134,7 +134,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_decode_delay)
-        self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype)
+        self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
+                                  dtype=dtype)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "steps": 0}

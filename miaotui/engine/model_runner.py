@@ -24,13 +24,17 @@ from miaotui.layers.sampler import Sampler, make_logprobs
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_blocks: int,
                  block_size: int, eos_ids: set[int], kv_dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.model, self.cfg = model, cfg
         self.block_size = block_size
         self.device = device
+        # attention through the C++ kernel (else PyTorch's SDPA, not batch-invariant)
+        self.kernel_attention = (kernels.load() is not None and device == "cpu" and dtype == torch.float32
+                                 and cfg.head_dim % 8 == 0 and kv_dtype in (torch.float32, torch.float16, torch.int8))
         self.caches = []
-        for attn in model.attention_layers():
-            attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device)
+        for attn in model.attention_layers():  # the kernels read only written slots: no zeroing
+            attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device,
+                                 zeroed=not self.kernel_attention)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
         if kernels.load() is not None:
@@ -83,21 +87,23 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:start + n])
             pos.append(torch.arange(start, start + n))
             slots.append(self._slots(seq, start, start + n))
-            if not decode:
+            if not decode and not self.kernel_attention:  # the PyTorch fallback's SDPA per chunk
                 chunk = PrefillChunk(row, row + n, start, self._slots(seq, 0, start + n) if start else None)
                 self._prefill_masks(chunk, n, start + n)
                 chunks.append(chunk)
             row += n
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks,
                                  num_prefill_tokens=0 if decode else row)
+        positions = torch.cat(pos)
         lens, tables, _ = self._decode_tables([s for s, _ in batch], [n for _, n in batch])
-        meta.tables = torch.tensor(tables)
-        meta.token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([n for _, n in batch]))
-        meta.token_pos = torch.cat(pos)
-        meta.block_size, meta.window = self.block_size, self.window or 0
-        if decode and kernels.load() is None:  # the PyTorch fallback's padded gather
-            self._decode_masks(meta, lens, meta.tables)
-        return torch.tensor(ids, dtype=torch.long), meta.token_pos, meta
+        tables = torch.tensor(tables)
+        if self.kernel_attention:
+            meta.tables, meta.token_pos = tables, positions
+            meta.token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([n for _, n in batch]))
+            meta.block_size, meta.window = self.block_size, self.window or 0
+        elif decode:  # the PyTorch fallback's padded gather
+            self._decode_masks(meta, lens, tables)
+        return torch.tensor(ids, dtype=torch.long), positions, meta
 
     def _decode_masks(self, meta: AttentionMetadata, lens: list[int], tables: torch.Tensor) -> None:
         lens = torch.tensor(lens)

@@ -51,12 +51,12 @@ class KVCache:
     """Key/value slots of one layer, optionally int8 with one scale per token and head."""
 
     def __init__(self, num_slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device="cpu"):
+                 device="cpu", zeroed: bool = True):
         self.quantized = dtype == torch.int8
-        # The C++ kernels read only slots that were written, so the pool can stay untouched
-        # (no resident pages until used: a short `generate` does not pay for its whole
-        # context). The PyTorch fallback multiplies padded slots by zero weights: zeros.
-        new = torch.empty if device == "cpu" and kernels.load() is not None else torch.zeros
+        # zeroed=False: the pool stays untouched, no resident pages until used (a short
+        # `generate` does not pay for its whole context), for readers that read only written
+        # slots (the C++ kernels); PyTorch's padded gathers multiply padding by zero weights
+        new = torch.zeros if zeroed else torch.empty
         self.k = new(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = new(num_slots, kv_heads, head_dim, dtype=dtype, device=device)
         if self.quantized:
@@ -107,12 +107,10 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
         self.cache.write(meta.slot_mapping, k, v)
-        kern = kernels.load()
-        if (kern is not None and meta.tables is not None and q.dtype == torch.float32 and self.head_dim % 8 == 0
-                and self.cache.k.dtype in (torch.float32, torch.float16, torch.int8)):
+        if meta.tables is not None:  # the model runner chose the C++ kernel
             c = self.cache
             ks, vs = (c.k_scale, c.v_scale) if c.quantized else (None, None)
-            return kern.paged_attention(q.contiguous(), c.k, c.v, ks, vs, meta.tables, meta.token_seq,
+            return kernels.load().paged_attention(q.contiguous(), c.k, c.v, ks, vs, meta.tables, meta.token_seq,
                                         meta.token_pos, meta.block_size, meta.window if self.sliding else 0,
                                         self.scale)
         parts = []
