@@ -307,8 +307,10 @@ def test_queue_full_gives_503(tiny_llama_dir):
             # One request takes the only slot first; then five arrive at once: one may wait,
             # the rest must be turned away. (Sending all six at once is a race: they can all
             # be queued before the first is scheduled, leaving room for one only.)
+            # (running, and a step done since: the server's view of the queue is refreshed
+            # after each step, so the first step may still show it waiting)
             first = asyncio.create_task(h.post("/v1/completions", json=body))
-            while not engine.scheduler.running:
+            while not engine.scheduler.running or engine.stats["steps"] < 2:
                 await asyncio.sleep(0.01)
             rest = await asyncio.gather(*(h.post("/v1/completions", json=body) for _ in range(5)))
             return [await first, *rest]
