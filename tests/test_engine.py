@@ -206,3 +206,20 @@ def test_long_prompt_yields_to_decoding_streams(tiny_llama_dir, alone):
     # the text is the same however the prompt was cut
     fresh = LLM(tiny_llama_dir[0], kv_cache_memory=16 << 20, max_decode_delay=1.0)
     assert texts(fresh.generate(prompts(), GREEDY)) == alone
+
+
+def test_short_prompt_goes_before_a_long_one_under_the_cap(tiny_llama_dir):
+    """While others decode, the capped prompt tokens go to the shortest remaining prompt
+    first: a short question arriving during a long prompt's chunks is answered at once."""
+    llm = LLM(tiny_llama_dir[0], kv_cache_memory=16 << 20, max_decode_delay=2.0)
+    sch = llm.engine.scheduler
+    llm.engine.add_request("stream", prompts()[0], GREEDY)
+    llm.engine.step()
+    llm.engine.add_request("long", prompts(1, seed=5, lo=110, hi=120)[0], GREEDY)
+    for _ in range(3):
+        llm.engine.step()                               # the long prompt takes the cap, 16 a step
+    long = next(s for s in sch.running if s.request_id == "long")
+    assert 0 < long.num_computed_tokens < long.num_prompt_tokens
+    llm.engine.add_request("short", [5, 6, 7, 8], GREEDY)
+    batch = dict((s.request_id, n) for s, n in sch.schedule())
+    assert batch["short"] == 4 and batch.get("long", 0) == sch.prompt_cap - 4

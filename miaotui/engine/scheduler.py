@@ -9,8 +9,10 @@ is recomputed later (its prefix blocks often survive in the prefix cache).
 With ``max_decode_delay`` set (the server's default), a long prompt cannot stall the
 streams already decoding: while any sequence decodes, prompt tokens per step are capped,
 and the cap adapts so that a step takes at most about that many times a decode-only step
-(halved when a step ran long, grown slowly when there is room). Since a token's result does
-not depend on how its prompt was chunked, this changes latency only, never the text.
+(halved when a step ran long, grown slowly when there is room); within the cap the
+shortest remaining prompts go first, so a short request is not queued behind a long one.
+Since a token's result does not depend on how its prompt was chunked, this changes latency
+only, never the text.
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
         decoding = any(s.num_computed_tokens >= s.num_prompt_tokens for s in self.running)
-        cap = self.prompt_cap if self.max_decode_delay and decoding else budget
+        capped = bool(self.max_decode_delay) and decoding
+        cap = self.prompt_cap if capped else budget
         batch: list[tuple[Sequence, int]] = []
+        prompts: list[Sequence] = []  # under the cap: prompt chunks, shortest rest first
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -57,11 +61,14 @@ class Scheduler:
                     break
             else:
                 self.bm.append_slots(seq)
-                n = self._tokens(seq, budget, cap)
-                if n:
-                    batch.append((seq, n))
-                    budget -= n
-                    cap -= n if seq.num_computed_tokens < seq.num_prompt_tokens else 0
+                if capped and seq.num_computed_tokens < seq.num_prompt_tokens:
+                    prompts.append(seq)
+                else:
+                    n = self._tokens(seq, budget, cap)
+                    if n:
+                        batch.append((seq, n))
+                        budget -= n
+                        cap -= n if seq.num_computed_tokens < seq.num_prompt_tokens else 0
                 i += 1
                 continue
             break
@@ -71,10 +78,20 @@ class Scheduler:
             self.bm.allocate(seq, use_cache=seq.params.prompt_logprobs is None)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if capped:  # one a step: each holds its prompt's blocks while it waits its turn
+                prompts.append(seq)
+                break
             n = self._tokens(seq, budget, cap)
             batch.append((seq, n))
             budget -= n
             cap -= n
+        # a short prompt (a 4-token question) is not kept waiting behind a long one's chunks
+        for seq in sorted(prompts, key=lambda s: s.num_prompt_tokens - s.num_computed_tokens):
+            n = self._tokens(seq, budget, cap)
+            if n:
+                batch.append((seq, n))
+                budget -= n
+                cap -= n
         return batch
 
     @staticmethod
