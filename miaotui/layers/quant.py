@@ -34,9 +34,10 @@ token's result does not depend on what else is in the batch):
   |y - x @ W.T| <= sum_k |W[n, k]| * dx(k) / 2 (tests/test_quant.py checks this bound).
   For Gaussian x that is ~0.5% relative RMS error: about int8 weight rounding's (~0.7%),
   far below 4-bit weights' (~8%).
-* C++ kernels, inside ``exact_activations()`` (prompt tokens): blocks of W's rows
-  dequantized to float32 (bit-exact) in a thread's buffer and multiplied by the float32
-  activations with the batch-invariant kernel of matmul_cpu.cpp.
+* C++ kernels, inside ``exact_activations()`` (prompt tokens): W dequantized to float32
+  bit-exactly (a block of rows into a thread's buffer for many rows of x, eight values at a
+  time inside the tiles for up to 8; the same bits either way) and multiplied by the
+  float32 activations with the batch-invariant kernel of matmul_cpu.cpp.
 * No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): tiles of W dequantized by
   PyTorch, then BLAS (this fallback is not batch-invariant: BLAS picks kernels by shape).
 """
