@@ -94,12 +94,26 @@ class BlockManager:
         self.prefix_hits += num_hit * bs
 
     def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_needed(len(seq)) - len(seq.block_table) <= len(self.free)
+        return self.blocks_needed(seq.num_slots) - len(seq.block_table) <= len(self.free)
 
     def append_slots(self, seq: Sequence) -> None:
-        """Make sure the sequence has blocks for all its tokens (decode adds one at a time)."""
-        while len(seq.block_table) < self.blocks_needed(len(seq)):
+        """Make sure the sequence has blocks for all its tokens (decode adds one at a time)
+        and for the guesses it will verify this step."""
+        while len(seq.block_table) < self.blocks_needed(seq.num_slots):
             seq.block_table.append(self._take_new())
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the sequence's computed tokens (those that held rejected
+        guesses), so the pool is as plain decoding would have left it. They never carry a
+        hash: only prompt blocks are registered."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[bid] = None
+                self.free.move_to_end(bid, last=False)
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: put every newly completed, computed block of the prompt into the

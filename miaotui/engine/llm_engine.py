@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from miaotui.config import MiaotuiError
+from miaotui.engine import speculative
 from miaotui.engine.block_manager import BlockManager
 from miaotui.engine.model_runner import ModelRunner
 from miaotui.engine.scheduler import Scheduler
 from miaotui.engine.sequence import Logprob, Sequence, Status
+from miaotui.engine.speculative import SpeculativeConfig
 from miaotui.sampling_params import SamplingParams
 
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "fp32": torch.float32,
@@ -52,6 +54,9 @@ class EngineConfig:
     num_threads: int | None = None
     progress: bool = False
     chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
+    # speculative decoding: None, a method ("ngram", "draft", "self-int4") or a dict of
+    # engine/speculative.py's SpeculativeConfig, e.g. {"method": "ngram", "num_tokens": 4}
+    speculative: dict | str | None = None
 
 
 @dataclass
@@ -139,6 +144,12 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "steps": 0}
+        self.speculator = None
+        spec = SpeculativeConfig.parse(config.speculative)
+        if spec is not None:
+            self.speculator = speculative.build(spec, self)
+            self.runner.verifier = speculative.Verifier(self.eos_ids)
+            self.scheduler.on_finish = self.speculator.release
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
@@ -195,31 +206,50 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        spec = self.speculator
+        if spec is not None:
+            spec.plan(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch:
             return []
         t0 = time.monotonic()
+        if spec is not None:
+            batch = spec.propose(batch)
         tokens = self.runner.run(batch)
         self.stats["steps"] += 1
         touched: dict[str, _Request] = {}
+        done = []   # (sequence, tokens it computed) for the scheduler's step-time model
         now = time.monotonic()
         for seq, n in batch:
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats["computed_prefill_tokens"] += n
+            new = tokens.get(seq.seq_id)
+            guessed = len(seq.spec_tokens)
+            if guessed:  # verified: the last token and the accepted guesses are computed
+                n = len(new)
+                spec.observe(seq, guessed, n - 1)
+                seq.spec_k, seq.spec_tokens = 0, []
             seq.num_computed_tokens += n
+            done.append((seq, n))
             self.block_manager.register_full_blocks(seq)
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
-            if seq.seq_id not in tokens:
+            if new is None:
                 continue
             if seq.max_new_tokens == 0:
                 seq.finish_reason = "length"
                 self.scheduler.finish(seq)
                 continue
-            self._append_token(seq, tokens[seq.seq_id], now)
+            for t in new:
+                self._append_token(seq, t, now)
+                if seq.finished:
+                    del seq.logprobs[seq.num_output_tokens:]   # past a stop: not output
+                    break
+            if guessed and not seq.finished:
+                self.block_manager.trim(seq)   # the rejected guesses' blocks
             if req.first_token_time is None:
                 req.first_token_time = now
-        self.scheduler.observe(batch, now - t0)
+        self.scheduler.observe(done, now - t0)
         return [self._output(req) for req in touched.values()]
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
@@ -273,6 +303,8 @@ class LLMEngine:
         first = req.seqs[0]
         metrics = {"arrival": req.arrival, "first_token": req.first_token_time,
                    "now": time.monotonic()}
+        if self.speculator is not None:
+            metrics.update(speculative.request_metrics(req.seqs))
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
                              first.prompt_logprobs if req.params.prompt_logprobs is not None else None,
                              first.num_cached_tokens, metrics)

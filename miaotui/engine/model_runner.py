@@ -27,6 +27,7 @@ class ModelRunner:
                  device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.model, self.cfg = model, cfg
         self.block_size = block_size
+        self.num_blocks, self.kv_dtype = num_blocks, kv_dtype
         self.device = device
         # attention through the C++ kernel (else PyTorch's SDPA, not batch-invariant)
         self.kernel_attention = (kernels.load() is not None and device == "cpu" and dtype == torch.float32
@@ -37,6 +38,7 @@ class ModelRunner:
                                  zeroed=not self.kernel_attention)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
+        self.verifier = None       # set by the engine when it speculates (engine/speculative.py)
         if kernels.load() is not None:
             kernels.load().set_threads(torch.get_num_threads())
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
@@ -77,14 +79,20 @@ class ModelRunner:
         if self.window is not None and C > self.window:
             chunk.sliding_mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)
 
+    @staticmethod
+    def _inputs(seq: Sequence, start: int, n: int) -> list[int]:
+        """Token ids at positions start..start+n: known tokens, then this step's guesses."""
+        ids = seq.token_ids[start:start + n]
+        return ids + seq.spec_tokens[:n - len(ids)] if len(ids) < n else ids
+
     def prepare(self, batch: list[tuple[Sequence, int]], decode: bool):
-        """Flatten one phase of the batch: prompt chunks (``decode`` False) or one generated
-        token per sequence (True)."""
+        """Flatten one phase of the batch: prompt chunks (``decode`` False) or generated
+        tokens (True: usually one per sequence; with speculation, the guesses after it)."""
         ids, pos, slots, chunks = [], [], [], []
         row = 0
         for seq, n in batch:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(self._inputs(seq, start, n))
             pos.append(torch.arange(start, start + n))
             slots.append(self._slots(seq, start, start + n))
             if not decode and not self.kernel_attention:  # the PyTorch fallback's SDPA per chunk
@@ -101,8 +109,9 @@ class ModelRunner:
             meta.tables, meta.token_pos = tables, positions
             meta.token_seq = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor([n for _, n in batch]))
             meta.block_size, meta.window = self.block_size, self.window or 0
-        elif decode:  # the PyTorch fallback's padded gather
-            self._decode_masks(meta, lens, tables)
+        elif decode:  # the PyTorch fallback's padded gather, a row per token
+            rows = [i for i, (_, n) in enumerate(batch) for _ in range(n)]
+            self._decode_masks(meta, (positions + 1).tolist(), tables[rows])
         return torch.tensor(ids, dtype=torch.long), positions, meta
 
     def _decode_masks(self, meta: AttentionMetadata, lens: list[int], tables: torch.Tensor) -> None:
@@ -118,40 +127,78 @@ class ModelRunner:
             meta.decode_sliding_mask = (valid & (k_pos.unsqueeze(0) > cur - self.window))[:, None, None, :]
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, int]:
-        """The step's forward passes. Returns {seq_id: sampled token} for sequences that
-        reached the end of their known tokens (a finished prompt, or a decode)."""
+    def run(self, batch: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
+        """The step's forward passes. Returns {seq_id: new tokens} for sequences that
+        reached the end of their known tokens (a finished prompt, or a decode): one sampled
+        token, or with speculation the accepted guesses and one more."""
         prompt = [(s, n) for s, n in batch if s.num_computed_tokens < s.num_prompt_tokens]
         decode = [(s, n) for s, n in batch if s.num_computed_tokens >= s.num_prompt_tokens]
-        assert all(n == 1 for _, n in decode), "generated tokens are computed one at a time"
         assert all(s.num_computed_tokens + n <= s.num_prompt_tokens for s, n in prompt), \
             "a prompt chunk never reaches into generated tokens"
+        assert all(n == 1 or s.num_computed_tokens + n == len(s) + len(s.spec_tokens) for s, n in decode), \
+            "generated tokens are computed one at a time, or a caught-up one with its guesses"
         out = {}
         if prompt:
             with exact_activations(True):
                 out.update(self._forward(prompt, *self.prepare(prompt, decode=False)))
-        if decode and self.decoder is not None:
-            out.update(self._decode_fused([s for s, _ in decode]))
-        elif decode:
-            with exact_activations(False):
-                out.update(self._forward(decode, *self.prepare(decode, decode=True)))
+        if decode:
+            out.update(self._decode(decode))
         return out
 
-    def _decode_fused(self, seqs: list[Sequence]) -> dict[int, int]:
-        """One generated token per sequence through the C++ decoder, the metadata as plain
-        lists. A token replayed after preemption samples nothing (it is not the last)."""
-        lens, tables, slots = self._decode_tables(seqs)
-        # token ids, positions, slots, lengths: one tensor (each construction costs ~15 us)
-        ids = [s.token_ids[n - 1] for s, n in zip(seqs, lens)]
-        meta = torch.tensor([ids, [n - 1 for n in lens], slots, lens])
-        logits = self.decoder(meta[0], meta[1], meta[2], torch.tensor(tables), meta[3])
-        rows = [i for i, (s, n) in enumerate(zip(seqs, lens)) if n == len(s)]
-        if not rows:
+    def _decode(self, decode: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
+        """Generated tokens through the decode path: the fused C++ step, else the PyTorch
+        modules with int8 activations. Every token is its own row (its own position and
+        context), so a guess is computed exactly as it would be alone in a later step."""
+        # rows that give logits: the last of a plain decode, every row of a verification
+        # (a token replayed after preemption samples nothing: it is not the last)
+        want, row = [], 0
+        for s, n in decode:
+            if s.num_computed_tokens + n == len(s) + len(s.spec_tokens):
+                want.extend(range(row + n - 1 - len(s.spec_tokens), row + n))
+            row += n
+        if self.decoder is not None:
+            logits = self._decode_fused(decode)
+            logits = logits if len(want) == row else logits[want]
+        else:
+            with exact_activations(False):
+                ids, positions, meta = self.prepare(decode, decode=True)
+                hidden = self.model(ids.to(self.device), positions.to(self.device), meta)
+                logits = self.model.compute_logits(hidden[want]) if want else None
+        if not want:
             return {}
-        if len(rows) < len(seqs):
-            logits, seqs = logits[rows], [seqs[i] for i in rows]
-        tokens = self.sampler(logits, seqs)
-        return {s.seq_id: t for s, t in zip(seqs, tokens)}
+        plain, verify, row = [], [], 0
+        for s, n in decode:
+            if s.num_computed_tokens + n == len(s) + len(s.spec_tokens):
+                k = len(s.spec_tokens)
+                (verify if k else plain).append((s, row, row + k + 1))
+                row += k + 1
+        out = {}
+        if plain:
+            rows = [r for _, r, _ in plain]
+            sub = logits if len(rows) == len(logits) else logits[rows]
+            seqs = [s for s, _, _ in plain]
+            out.update((s.seq_id, [t]) for s, t in zip(seqs, self.sampler(sub, seqs)))
+        for s, r0, r1 in verify:
+            out[s.seq_id] = self.verifier(logits[r0:r1], s)
+        return out
+
+    def _decode_fused(self, decode: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits of every decode row through the C++ decoder, the metadata as plain lists."""
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        nblk = -(-max(s.num_computed_tokens + n for s, n in decode) // bs)
+        for s, n in decode:
+            start = s.num_computed_tokens
+            table = s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table)))
+            ids.extend(self._inputs(s, start, n))
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                tables.append(table)
+        # token ids, positions, slots, lengths: one tensor (each construction costs ~15 us)
+        meta = torch.tensor([ids, pos, slots, lens])
+        return self.decoder(meta[0], meta[1], meta[2], torch.tensor(tables), meta[3])
 
     def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:
         """One pass of the PyTorch model over a phase's tokens; samples the rows that end
@@ -170,7 +217,7 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[rows])
         tokens = self.sampler(logits, sample_seqs)
-        return {s.seq_id: t for s, t in zip(sample_seqs, tokens)}
+        return {s.seq_id: [t] for s, t in zip(sample_seqs, tokens)}
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
         """Log-probs of prompt tokens start+1 .. start+n given their prefixes (for scoring)."""

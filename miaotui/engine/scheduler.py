@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_finish = None        # called with each sequence that finishes or is aborted
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -54,6 +55,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             while not self.bm.can_append(seq):
+                if seq.spec_k:  # guesses never cost another sequence its place
+                    seq.spec_k = 0
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -120,6 +124,7 @@ class Scheduler:
                 self.prompt_cap = min(self.max_num_batched_tokens, self.prompt_cap + 1 + self.prompt_cap // 4)
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.spec_k, seq.spec_tokens = 0, []
         self.bm.free_seq(seq)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
@@ -134,3 +139,5 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free_seq(seq)
         seq.status = Status.FINISHED
+        if self.on_finish is not None:
+            self.on_finish(seq)

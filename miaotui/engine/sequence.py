@@ -53,6 +53,10 @@ class Sequence:
             self.generator.manual_seed(params.seed + index if params.seed is not None
                                        else torch.seed())
         self.detokenizer = None                  # set by the engine
+        # speculative decoding (engine/speculative.py): guessed tokens this step may verify
+        self.spec_k = 0                          # at most this many, set before scheduling
+        self.spec_tokens: list[int] = []         # the guesses, never in token_ids until verified
+        self.spec_proposed = self.spec_accepted = self.spec_steps = 0
         self.text = ""                           # generated text after stop-string handling
 
     def __len__(self) -> int:
@@ -70,10 +74,18 @@ class Sequence:
     def num_to_compute(self) -> int:
         """Tokens the next step may compute: the rest of the prompt (in chunks, through the
         prefill path), else one generated token (through the decode path; after preemption
-        the generated tokens are replayed one a step, so their K/V are the decode path's)."""
+        the generated tokens are replayed one a step, so their K/V are the decode path's);
+        a caught-up sequence that speculates adds up to ``spec_k`` guesses, verified in the
+        same decode-path pass (each token its own row, computed as it would be alone)."""
         if self.num_computed_tokens < self.num_prompt_tokens:
             return self.num_prompt_tokens - self.num_computed_tokens
-        return min(1, len(self.token_ids) - self.num_computed_tokens)
+        left = len(self.token_ids) - self.num_computed_tokens
+        return 1 + self.spec_k if left == 1 else min(1, left)   # + guesses to verify
+
+    @property
+    def num_slots(self) -> int:
+        """Tokens this sequence needs KV slots for: its own, plus the guesses of this step."""
+        return len(self.token_ids) + self.spec_k
 
     @property
     def finished(self) -> bool:
