@@ -98,6 +98,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
     g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
                    help="Jinja file, built-in name or template text (default: the model's own)")
+    g = p.add_argument_group("speculative decoding (greedy output unchanged; sampled: the same distribution)")
+    g.add_argument("--speculative", default=None, choices=["ngram", "draft", "self-int4"],
+                   help="ngram: guess from the prompt and text so far; draft: a smaller model "
+                        "(--draft-model); self-int4: the model's own weights in int4")
+    g.add_argument("--num-spec-tokens", type=at_least(1), default=4, metavar="K",
+                   help="guesses verified per step at most (1-16)")
+    g.add_argument("--draft-model", default=None, metavar="PATH", help="the draft model (same vocabulary)")
+    g.add_argument("--prompt-lookup-max", type=at_least(1), default=4, metavar="N",
+                   help="ngram: longest suffix matched")
+    g.add_argument("--prompt-lookup-min", type=at_least(1), default=1, metavar="N",
+                   help="ngram: shortest suffix matched")
 
 
 def check_model_args(args) -> None:
@@ -105,6 +116,25 @@ def check_model_args(args) -> None:
     model = args.model or ""
     if ("/" in model or model.endswith(".gguf")) and not os.path.exists(model):
         raise MiaotuiError(f"model path not found: {model}")   # (bench shape names have no /)
+    spec = speculative_config(args)
+    if spec is not None and spec.model and not os.path.exists(spec.model):
+        raise MiaotuiError(f"draft model path not found: {spec.model}")
+
+
+def speculative_config(args):
+    """--speculative and its options as a SpeculativeConfig (None: off), checked."""
+    from miaotui.engine.speculative import SpeculativeConfig
+    if getattr(args, "speculative", None) is None:
+        if getattr(args, "draft_model", None):
+            raise MiaotuiError("--draft-model needs --speculative draft")
+        return None
+    if args.draft_model and args.speculative != "draft":
+        raise MiaotuiError("--draft-model goes with --speculative draft")
+    if args.speculative == "draft" and not args.draft_model:
+        raise MiaotuiError("--speculative draft needs --draft-model PATH (a smaller model with the same vocabulary)")
+    return SpeculativeConfig.parse({
+        "method": args.speculative, "num_tokens": args.num_spec_tokens, "model": args.draft_model,
+        "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
 
 
 def engine_kwargs(args) -> dict:
@@ -116,6 +146,9 @@ def engine_kwargs(args) -> dict:
     for name in ("kv_cache_memory", "max_num_seqs", "chat_template", "max_decode_delay"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
+    spec = speculative_config(args)
+    if spec is not None:
+        kw["speculative"] = spec
     return kw
 
 
@@ -163,6 +196,7 @@ def stream_to_stdout(llm, prompt, params) -> None:
     t0 = time.perf_counter()
     t_first = None
     n_prompt, n_out = 0, 0
+    out = None
     for out in llm.stream(prompt, params):
         if t_first is None and out.outputs[0].token_ids:
             t_first = time.perf_counter()
@@ -176,6 +210,11 @@ def stream_to_stdout(llm, prompt, params) -> None:
     print(f"[miaotui] prompt {n_prompt} tok, prefill {n_prompt / (t_first - t0):.1f} tok/s, "
           f"time to first token {(t_first - t0) * 1000:.0f} ms; "
           f"generated {n_out} tok, decode {decode:.1f} tok/s", file=sys.stderr)
+    m = out.metrics if out is not None else {}
+    if m.get("spec_steps"):
+        print(f"[miaotui] speculative: {m['spec_accepted']}/{m['spec_proposed']} guesses accepted "
+              f"({100 * (m['acceptance_rate'] or 0):.0f}%), {m['mean_accepted_length']:.2f} per step",
+              file=sys.stderr)
 
 
 def read_prompt(args) -> str:

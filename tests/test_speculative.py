@@ -281,3 +281,30 @@ def test_default_model_greedy_identical_and_guesses_pay(smollm2_path):
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert outs[0].metrics["mean_accepted_length"] > 1.0, outs[0].metrics   # copying pays
     assert [_run(spec, [p], params)[0] for p in prompts] == ref
+
+
+# ---- serving ----------------------------------------------------------------------------
+
+def test_server_streams_speculative_output_and_reports_acceptance(tiny_dirs):
+    """A server on a speculating engine streams the plain engine's tokens, and /metrics
+    counts the guesses."""
+    import httpx
+    from test_server import serve
+    path = tiny_dirs["llama"]
+    ref = LLM(path, max_num_seqs=4).generate([_prompts()[0]], SamplingParams(temperature=0, max_tokens=24,
+                                                                             ignore_eos=True))
+    engine = LLM(path, max_num_seqs=4, speculative={"method": "draft", "model": path}).engine
+    with serve(engine, "tiny") as base:
+        body = {"model": "tiny", "prompt": _prompts()[0], "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        text = ""
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    import json
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert text == ref[0].outputs[0].text
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+    accepted = [ln for ln in metrics.splitlines() if ln.startswith("miaotui_spec_decode_num_accepted_tokens")]
+    assert accepted and float(accepted[0].split()[-1]) > 10, metrics[-2000:]

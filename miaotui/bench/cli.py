@@ -78,7 +78,39 @@ def cmd_latency(args) -> None:
                       args.seed, _machine(args))
     print_latency(res, args.prompt_len, args.output_len)
     cfg = {**_config(args), "model_path": engine.model_path}
-    _finish(make_result("latency", cfg, res["results"], res["roofline"]), args)
+    result = make_result("latency", cfg, res["results"], res["roofline"])
+    if engine.speculator is not None:
+        st = engine.speculator.stats
+        result["speculative"] = {**st, "acceptance_rate": st["accepted"] / st["proposed"] if st["proposed"] else None,
+                                 "mean_accepted_length": st["accepted"] / st["steps"] if st["steps"] else None}
+        print(f"speculative: {st['accepted']}/{st['proposed']} guesses accepted, "
+              f"{result['speculative']['mean_accepted_length'] or 0:.2f} per verify step")
+    _finish(result, args)
+
+
+# ---- bench spec -------------------------------------------------------------------------
+def cmd_spec(args) -> None:
+    from miaotui.bench import speculative as sb
+    from miaotui.bench.spec_tasks import TASKS
+    methods = []
+    for m in filter(None, args.methods.split(",")):
+        if m not in ("ngram", "self-int4"):
+            raise MiaotuiError(f"--methods: {m!r} is not ngram or self-int4 (a draft model: --draft-model)")
+        methods.append({"method": m, "num_tokens": args.num_spec_tokens,
+                        "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
+    if args.draft_model:
+        methods.append({"method": "draft", "model": args.draft_model, "num_tokens": args.num_spec_tokens})
+    tasks = args.tasks.split(",")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise MiaotuiError(f"--tasks: unknown {bad[0]!r} (choose from {', '.join(TASKS)})")
+    args.speculative, args.draft_model = None, None    # the methods are attached in turn
+    engine = _engine(args, max_num_seqs=1)
+    result = sb.run(engine, methods, tasks, args.repeats, args.max_tokens)
+    result["config"] = _config(args)
+    print(sb.table(result))
+    from miaotui.bench import report
+    report.write_json(result, args.output)
 
 
 # ---- bench throughput -------------------------------------------------------------------
@@ -263,6 +295,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     _output_args(p)
     p.set_defaults(func=cmd_latency)
+
+    p = sub.add_parser("spec", help="speculative decoding vs plain, batch 1, four tasks")
+    cli.add_model_args(p)
+    p.add_argument("--methods", default="ngram,self-int4",
+                   help="comma-separated: ngram, self-int4 (plus draft with --draft-model)")
+    p.add_argument("--tasks", default="faq,code,facts,story", help="comma-separated: faq, code, facts, story")
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--max-tokens", type=at_least(2), default=128)
+    p.add_argument("--output", "-o", default=None, help="write the results as JSON here")
+    p.set_defaults(func=cmd_spec)
 
     p = sub.add_parser("throughput", help="offline batch: tokens/s, requests/s, peak memory")
     cli.add_model_args(p)

@@ -189,7 +189,8 @@ class AsyncEngine:
                 "kv_usage": e.kv_usage(), "prefix_queries": bm.prefix_queries,
                 "prefix_hits": bm.prefix_hits, "prompt_tokens": e.stats["prompt_tokens"],
                 "generation_tokens": e.stats["generated_tokens"],
-                "preemptions": e.scheduler.num_preemptions}
+                "preemptions": e.scheduler.num_preemptions,
+                "spec": dict(e.speculator.stats) if e.speculator is not None else None}
 
 
 def _resolve(future: asyncio.Future, exc: BaseException | None) -> None:

@@ -39,6 +39,16 @@ class _EngineCollector:
                                   value=s["generation_tokens"])
         yield CounterMetricFamily("miaotui_preemptions", "Sequences preempted for lack of KV blocks",
                                   value=s["preemptions"])
+        spec = s.get("spec")
+        if spec is not None:   # speculative decoding (--speculative)
+            yield CounterMetricFamily("miaotui_spec_decode_num_draft_tokens", "Guessed tokens verified",
+                                      value=spec["proposed"])
+            yield CounterMetricFamily("miaotui_spec_decode_num_accepted_tokens", "Guessed tokens accepted",
+                                      value=spec["accepted"])
+            yield CounterMetricFamily("miaotui_spec_decode_num_verify_steps",
+                                      "Sequence-steps that verified guesses", value=spec["steps"])
+            yield GaugeMetricFamily("miaotui_spec_decode_acceptance_rate", "Accepted / guessed tokens",
+                                    value=spec["accepted"] / spec["proposed"] if spec["proposed"] else 0.0)
 
 
 class Metrics:
