@@ -117,13 +117,15 @@ def check_model_args(args) -> None:
     if ("/" in model or model.endswith(".gguf")) and not os.path.exists(model):
         raise MiaotuiError(f"model path not found: {model}")   # (bench shape names have no /)
     spec = speculative_config(args)
-    if spec is not None and spec.model and not os.path.exists(spec.model):
-        raise MiaotuiError(f"draft model path not found: {spec.model}")
+    if spec is not None and spec["model"] and not os.path.exists(spec["model"]):
+        raise MiaotuiError(f"draft model path not found: {spec['model']}")
 
 
-def speculative_config(args):
-    """--speculative and its options as a SpeculativeConfig (None: off), checked."""
-    from miaotui.engine.speculative import SpeculativeConfig
+def speculative_config(args) -> dict | None:
+    """--speculative and its options as LLM(speculative=...)'s dict (None: off), checked
+    here without importing torch (engine/speculative.py checks the same at load)."""
+    if getattr(args, "bench_spec", False):   # `bench spec` attaches its methods in turn
+        return None
     if getattr(args, "speculative", None) is None:
         if getattr(args, "draft_model", None):
             raise MiaotuiError("--draft-model needs --speculative draft")
@@ -132,9 +134,12 @@ def speculative_config(args):
         raise MiaotuiError("--draft-model goes with --speculative draft")
     if args.speculative == "draft" and not args.draft_model:
         raise MiaotuiError("--speculative draft needs --draft-model PATH (a smaller model with the same vocabulary)")
-    return SpeculativeConfig.parse({
-        "method": args.speculative, "num_tokens": args.num_spec_tokens, "model": args.draft_model,
-        "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
+    if args.num_spec_tokens > 16:
+        raise MiaotuiError(f"--num-spec-tokens: must be at most 16, not {args.num_spec_tokens}")
+    if args.prompt_lookup_min > args.prompt_lookup_max:
+        raise MiaotuiError("--prompt-lookup-min must not exceed --prompt-lookup-max")
+    return {"method": args.speculative, "num_tokens": args.num_spec_tokens, "model": args.draft_model,
+            "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}
 
 
 def engine_kwargs(args) -> dict:

@@ -350,3 +350,20 @@ def test_workloads(tmp_path):
     path.write_text(json.dumps(data))
     got = sharegpt_requests(str(path), 10, None, max_len=100)
     assert len(got) == 1 and got[0].output_len == 6 and got[0].prompt.startswith("tell")
+
+
+def test_bench_spec_runs_every_method_against_plain(tiny_llama_dir, tmp_path):
+    """`miaotui bench spec` on one engine: each method's run is compared with the plain run
+    of the same repeat, and its tokens are the plain tokens."""
+    from miaotui.bench import speculative as sb
+    from miaotui.engine.llm_engine import EngineConfig, LLMEngine
+    path, _ = tiny_llama_dir
+    engine = LLMEngine(EngineConfig(model=path, max_num_seqs=1))
+    res = sb.run(engine, [{"method": "ngram"}, {"method": "draft", "model": path}], ["story"], 2, 12)
+    rows = {(r["task"], r["method"]): r for r in res["rows"]}
+    assert set(rows) == {(t, m) for t in ("story",) for m in ("plain", "ngram", f"draft:{path}")}
+    for r in res["rows"]:
+        assert r["identical_to_plain"] and r["output_tokens"] == 12 and len(r["speedups"]) == 2
+    assert rows[("story", f"draft:{path}")]["acceptance_rate"] == 1.0    # its own draft
+    assert engine.speculator is None and engine.pool_is_full()
+    assert "| story | ngram |" in sb.table(res)

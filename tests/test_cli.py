@@ -45,6 +45,12 @@ def run_cli(*argv, stdin=None, timeout=60):
     (["chat", "--top-k", "-3"], "--top-k: must be"),
     (["serve", "--temperature", "1"], "unrecognized arguments"),
     (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory: must be"),
+    (["generate", "hi", "--speculative", "draft"], "--speculative draft needs --draft-model"),
+    (["generate", "hi", "--draft-model", "d.gguf"], "--draft-model needs --speculative draft"),
+    (["generate", "hi", "--speculative", "draft", "--draft-model", "/nonexistent/d.gguf"],
+     "draft model path not found"),
+    (["serve", "--speculative", "ngram", "--num-spec-tokens", "40"], "--num-spec-tokens: must be at most 16"),
+    (["generate", "hi", "--speculative", "medusa"], "invalid choice: 'medusa'"),
 ])
 def test_bad_arguments_fail_before_loading(argv, message):
     r, seconds = run_cli(*argv)

@@ -99,12 +99,13 @@ def cmd_spec(args) -> None:
         methods.append({"method": m, "num_tokens": args.num_spec_tokens,
                         "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min})
     if args.draft_model:
+        if not os.path.exists(args.draft_model):
+            raise MiaotuiError(f"draft model path not found: {args.draft_model}")
         methods.append({"method": "draft", "model": args.draft_model, "num_tokens": args.num_spec_tokens})
     tasks = args.tasks.split(",")
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise MiaotuiError(f"--tasks: unknown {bad[0]!r} (choose from {', '.join(TASKS)})")
-    args.speculative, args.draft_model = None, None    # the methods are attached in turn
     engine = _engine(args, max_num_seqs=1)
     result = sb.run(engine, methods, tasks, args.repeats, args.max_tokens)
     result["config"] = _config(args)
@@ -304,7 +305,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--max-tokens", type=at_least(2), default=128)
     p.add_argument("--output", "-o", default=None, help="write the results as JSON here")
-    p.set_defaults(func=cmd_spec)
+    p.set_defaults(func=cmd_spec, bench_spec=True)
 
     p = sub.add_parser("throughput", help="offline batch: tokens/s, requests/s, peak memory")
     cli.add_model_args(p)
