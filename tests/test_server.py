@@ -598,7 +598,7 @@ class StepGate:
 def test_metrics_gauges_follow_admission_and_abort(tiny):
     """The gauges change when a request is admitted or aborted, not one engine step later."""
     base, served, _, _ = tiny
-    body = {"prompt": "go on", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    body = {"prompt": "go on", "max_tokens": 1000, "ignore_eos": True, "stream": True}
     aborted = metric(base, "miaotui_requests_finished_total", '{reason="abort"}')
     gate = StepGate(served)
     try:

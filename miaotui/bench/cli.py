@@ -79,13 +79,19 @@ def cmd_latency(args) -> None:
     print_latency(res, args.prompt_len, args.output_len)
     cfg = {**_config(args), "model_path": engine.model_path}
     result = make_result("latency", cfg, res["results"], res["roofline"])
-    if engine.speculator is not None:
-        st = engine.speculator.stats
-        result["speculative"] = {**st, "acceptance_rate": st["accepted"] / st["proposed"] if st["proposed"] else None,
-                                 "mean_accepted_length": st["accepted"] / st["steps"] if st["steps"] else None}
-        print(f"speculative: {st['accepted']}/{st['proposed']} guesses accepted, "
-              f"{result['speculative']['mean_accepted_length'] or 0:.2f} per verify step")
+    _spec_stats(engine, result)
     _finish(result, args)
+
+
+def _spec_stats(engine, result: dict) -> None:
+    """With --speculative: the engine's acceptance, printed and in the JSON."""
+    if engine.speculator is None:
+        return
+    st = engine.speculator.stats
+    result["speculative"] = {**st, "acceptance_rate": st["accepted"] / st["proposed"] if st["proposed"] else None,
+                             "mean_accepted_length": st["accepted"] / st["steps"] if st["steps"] else None}
+    print(f"speculative: {st['accepted']}/{st['proposed']} guesses accepted, "
+          f"{result['speculative']['mean_accepted_length'] or 0:.2f} per verify step")
 
 
 # ---- bench spec -------------------------------------------------------------------------
@@ -135,6 +141,7 @@ def cmd_throughput(args) -> None:
         engine = _engine(args)
         requests = _requests(args, engine.model_config.vocab_size, engine.tokenizer)
         runs["miaotui"], roof = tp.bench_engine(engine, requests, _machine(args))
+        _spec_stats(engine, runs["miaotui"])
         del engine
         gc.collect()
     else:
