@@ -107,7 +107,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-model", default=None, metavar="PATH", help="the draft model (same vocabulary)")
     g.add_argument("--prompt-lookup-max", type=at_least(1), default=4, metavar="N",
                    help="ngram: longest suffix matched")
-    g.add_argument("--prompt-lookup-min", type=at_least(1), default=1, metavar="N",
+    g.add_argument("--prompt-lookup-min", type=at_least(1), default=2, metavar="N",
                    help="ngram: shortest suffix matched")
 
 

@@ -26,10 +26,10 @@ Proposers (``method``):
   ``self-int4`` the target's own weights re-quantized to int4 as the draft: no second
                 checkpoint, a quarter of fp32's bytes per token.
 
-Adaptive: per sequence, k follows acceptance (one more after a fully accepted step, the
-accepted count + 1 after a rejection), and a sequence whose guesses keep failing stops
-speculating for a while (doubling pauses), so free text is not made slower by guesses that
-do not pay. Sequences with penalties (their logits depend on the tokens before each row),
+Adaptive: per sequence, k follows acceptance (all of ``num_tokens`` after a fully
+accepted step, the accepted count + 1 after a rejection), and a sequence whose guesses fail
+twice in a row stops speculating for a while (8 steps, doubling up to 128 while it keeps
+failing), so free text is not made slower by guesses that do not pay. Sequences with penalties (their logits depend on the tokens before each row),
 ``min_tokens`` still pending, or a structured-output constraint do not speculate.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class SpeculativeConfig:
     method: str = "ngram"
     num_tokens: int = 4                 # the most guesses a step verifies per sequence
     prompt_lookup_max: int = 4          # ngram: longest suffix matched
-    prompt_lookup_min: int = 1          # ngram: shortest
+    prompt_lookup_min: int = 2          # ngram: shortest (a 1-token match guesses badly)
     model: str | None = None            # draft: the draft model (path, as LLM's model)
     quantization: str | None = None     # draft: as LLM's (None: as stored)
     adaptive: bool = True               # k follows acceptance; failing sequences pause
@@ -300,9 +300,9 @@ class Speculator:
         st = self.state.get(seq.seq_id)
         if st is None or not self.cfg.adaptive:
             return
-        st[0] = min(self.cfg.num_tokens, st[0] + 1) if accepted == proposed else max(1, accepted + 1)
+        st[0] = self.cfg.num_tokens if accepted == proposed else max(1, accepted + 1)
         st[3] = st[3] + 1 if accepted == 0 else 0
-        if st[3] >= 3:                       # three fruitless steps in a row: pause, longer each time
+        if st[3] >= 2:                       # two fruitless steps in a row: pause, longer each time
             st[1], st[2], st[3] = st[2], min(self.PAUSE_MAX, 2 * st[2]), 0
         elif accepted:
             st[2] = self.PAUSE_MIN
