@@ -21,20 +21,31 @@ from miaotui.sampling_params import SamplingParams
 
 
 def _decode(engine, ids: list[int], max_tokens: int) -> dict:
+    """One greedy request; the decode phase's speed and its step-time profile: steps after
+    the first token, ms per step, tokens per step, and of a step's time the guessing part."""
     engine.add_request("bench-spec", ids, SamplingParams(temperature=0, max_tokens=max_tokens))
+    spec = engine.speculator
     t0 = time.perf_counter()
     t_first = None
     out = None
+    steps = 0
     while engine.has_unfinished():
         for o in engine.step():
             out = o
             if t_first is None and o.outputs[0].token_ids:
                 t_first = time.perf_counter()
+                propose0 = spec.propose_s if spec is not None else 0.0
+            elif t_first is not None:
+                steps += 1
     t1 = time.perf_counter()
     toks = out.outputs[0].token_ids
     m = out.metrics
+    guess_s = (spec.propose_s - propose0) if spec is not None else 0.0
     return {"tokens": toks, "ttft_s": t_first - t0, "decode_s": t1 - t_first,
             "decode_tok_s": (len(toks) - 1) / (t1 - t_first) if len(toks) > 1 else 0.0,
+            "decode_steps": steps, "ms_per_step": 1e3 * (t1 - t_first) / max(1, steps),
+            "tokens_per_step": (len(toks) - 1) / max(1, steps),
+            "guess_ms_per_step": 1e3 * guess_s / max(1, steps),
             "acceptance_rate": m.get("acceptance_rate"), "mean_accepted_length": m.get("mean_accepted_length")}
 
 
@@ -83,6 +94,10 @@ def run(engine, methods: list[dict], tasks: list[str], repeats: int, max_tokens:
                 "identical_to_plain": all(r["tokens"] == p["tokens"] for r, p in zip(rs, plain)),
                 "acceptance_rate": _median(r["acceptance_rate"] for r in rs),
                 "mean_accepted_length": _median(r["mean_accepted_length"] for r in rs),
+                # the profile: speed-up = tokens/step ratio x step-time ratio
+                "tokens_per_step": _median(r["tokens_per_step"] for r in rs),
+                "ms_per_step": _median(r["ms_per_step"] for r in rs),
+                "guess_ms_per_step": _median(r["guess_ms_per_step"] for r in rs),
             })
     return {"benchmark": "spec", "model": engine.model_path, "repeats": repeats, "max_tokens": max_tokens,
             "rows": rows}
@@ -94,11 +109,13 @@ def _median(values):
 
 
 def table(result: dict) -> str:
-    lines = ["| task | method | decode tok/s | vs plain | acceptance | accepted/step | same tokens |",
-             "|---|---|---:|---:|---:|---:|:-:|"]
+    lines = ["| task | method | decode tok/s | vs plain | acceptance | accepted/verify | tokens/step "
+             "| ms/step (guessing) | same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in result["rows"]:
         acc = "" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
         mal = "" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
         lines.append(f"| {r['task']} | {r['method']} | {r['decode_tok_s']:.1f} | {r['speedup']:.2f}x | {acc} "
-                     f"| {mal} | {'yes' if r['identical_to_plain'] else 'NO'} |")
+                     f"| {mal} | {r['tokens_per_step']:.2f} | {r['ms_per_step']:.1f} ({r['guess_ms_per_step']:.1f}) "
+                     f"| {'yes' if r['identical_to_plain'] else 'NO'} |")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ failing), so free text is not made slower by guesses that do not pay. Sequences 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,6 +253,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.state: dict[int, list] = {}   # seq_id -> [k, pause_left, next_pause, fails]
         self.stats = {"steps": 0, "proposed": 0, "accepted": 0}
+        self.propose_s = 0.0               # time spent guessing (the draft's passes), for profiles
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -287,7 +289,9 @@ class Speculator:
             else:
                 s.spec_k, s.spec_tokens = 0, []
         if not isinstance(self.proposer, NgramProposer):
+            t0 = time.perf_counter()
             self.proposer.propose(want)
+            self.propose_s += time.perf_counter() - t0
         for s, k in want:
             s.spec_tokens = s.spec_tokens[:k]
         return [(s, 1 + len(s.spec_tokens)) if s.spec_k else (s, n) for s, n in batch]
