@@ -229,6 +229,7 @@ class DraftProposer:
             tokens = self.runner.run(step)
             for sh, n in step:
                 sh.num_computed_tokens += n
+                self.bm.register_full_blocks(sh)   # a shared system prompt is drafted once
             nxt = []
             for seq, sh, k in active:
                 new = tokens.get(sh.seq_id)
