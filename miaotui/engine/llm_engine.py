@@ -186,9 +186,10 @@ class LLMEngine:
     @property
     def grammars(self):
         """The structured-output grammar compiler for this model's tokenizer (llguidance)."""
-        if self._grammars is None:
-            from miaotui.engine.structured import GrammarCompiler
-            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        from miaotui.engine.structured import GrammarCompiler
+        with GrammarCompiler.creation_lock:   # the server's worker threads may ask first
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         return self._grammars
 
     def abort(self, request_id: str) -> bool:

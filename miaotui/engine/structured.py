@@ -78,6 +78,7 @@ class Constraint:
 class GrammarCompiler:
     """Compiles structured-output requests for one tokenizer; thread-safe (the server
     compiles in worker threads to answer bad grammars before queueing the request)."""
+    creation_lock = threading.Lock()
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids, cache_size: int = 256):
         import llguidance
