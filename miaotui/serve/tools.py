@@ -125,7 +125,7 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
 
 
 def call_grammar(fmt: ToolFormat, tools: list[dict], only: str | None = None,
-                 parallel: bool = True) -> str:
+                 parallel: bool = False) -> str:
     """A Lark grammar (llguidance) for the answer when a call is required: one call (or
     several with `parallel`) of the tools, or of the function named `only`, with the
     arguments following each function's JSON schema."""
