@@ -135,9 +135,14 @@ def apply_masks(logits: torch.Tensor, rows: list[int], constraints: list[Constra
     else:
         for k, c in enumerate(constraints):
             c.matcher.unsafe_compute_mask_ptr(ptr + k * words * 4, words * 4)
-    refused = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :V] == 0
-    if len(rows) == 1:
-        logits[rows[0]].masked_fill_(torch.from_numpy(refused[0]), float("-inf"))
+    refused = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :V].view(bool)
+    np.logical_not(refused, out=refused)
+    if logits.device.type == "cpu":
+        # numpy, one thread: torch's masked_fill_ wakes its thread pool for 49k elements,
+        # which on a busy machine took milliseconds
+        array = logits.numpy()
+        for k, row in enumerate(rows):
+            np.putmask(array[row], refused[k], -np.inf)
     else:
-        index = torch.tensor(rows)
-        logits[index] = logits[index].masked_fill_(torch.from_numpy(refused), float("-inf"))
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill_(torch.from_numpy(refused).to(logits.device), float("-inf"))
