@@ -196,6 +196,11 @@ def test_parse_tool_calls_whole_and_streamed():
     content, calls = T.parse_tool_calls(llama, ' {"name": "f", "parameters": {"x": 1}}')
     assert content is None and calls[0]["name"] == "f" and json.loads(calls[0]["arguments"]) == {"x": 1}
     assert T.parse_tool_calls(llama, "Hello {x}") == ("Hello {x}", [])
+    llama31 = ('{% if tools %}<|start_header_id|>{% endif %}{{ \'{"name": "\' + c.name + \'", "parameters": \' }}'
+               "<|eot_id|>")
+    assert T.tool_format(llama31).name == "llama3" and T.tool_format(None).name == "hermes"
+    grammar = T.call_grammar(llama, [WEATHER], "get_weather")
+    assert '"parameters"' in grammar and "<tool_call>" not in grammar
 
 
 def test_tools_rendered_through_the_template(smollm):
@@ -244,3 +249,14 @@ def test_forced_call_grammar(smollm):
     o = smollm.generate(prompt, SamplingParams(temperature=0, max_tokens=60, structured_output=spec))[0].outputs[0]
     content, calls = T.parse_tool_calls(fmt, o.text)
     assert "</tool_call>\n<tool_call>" in o.text and calls and all(json.loads(c["arguments"]) == {"a": 2, "b": 3} for c in calls), o.text
+
+
+def test_forced_calls_keep_a_random_model_valid(tiny):
+    """The forced-call grammar in both formats holds even a random model to a valid call."""
+    for fmt in T.FORMATS.values():
+        spec = {"grammar": T.call_grammar(fmt, [WEATHER], "get_weather")}
+        params = [SamplingParams(temperature=1.0, seed=s, max_tokens=200, structured_output=spec) for s in range(4)]
+        for out in tiny.generate(["x"] * 4, params):
+            content, calls = T.parse_tool_calls(fmt, out.outputs[0].text)
+            assert out.outputs[0].finish_reason == "stop" and content is None and len(calls) == 1
+            jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
