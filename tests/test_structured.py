@@ -260,3 +260,24 @@ def test_forced_calls_keep_a_random_model_valid(tiny):
             content, calls = T.parse_tool_calls(fmt, out.outputs[0].text)
             assert out.outputs[0].finish_reason == "stop" and content is None and len(calls) == 1
             jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_masks_touch_constrained_rows_only_and_allow_eos_at_the_end(tiny):
+    import torch
+    from miaotui.engine.structured import apply_masks
+    tok, grammars = tiny.tokenizer, tiny.engine.grammars
+    eos = sorted(tiny.engine.eos_ids)[0]
+    V = tiny.engine.model_config.vocab_size
+    choice = grammars.constraint(StructuredOutputParams(choice=["ab", "a"]))
+    obj = grammars.constraint(StructuredOutputParams(json={"type": "object"}))
+    logits = torch.randn(3, V)
+    free_row = logits[1].clone()
+    apply_masks(logits, [0, 2], [choice, obj])
+    assert torch.equal(logits[1], free_row)                         # unconstrained: untouched
+    allowed = lambda row: {tok.decode([t]) for t in torch.nonzero(row > float("-inf")).flatten().tolist()}  # noqa: E731
+    assert allowed(logits[0]) == {"a"} and allowed(logits[2]) == {"{"}    # no EOS: incomplete
+    assert not choice.advance(tok.encode("a", add_special_tokens=False)[0])   # "a": complete, "ab" may follow
+    logits = torch.zeros(1, V)
+    apply_masks(logits, [0], [choice])
+    assert set(torch.nonzero(logits[0] == 0).flatten().tolist()) == {eos, tok.encode("b", add_special_tokens=False)[0]}
+    assert choice.advance(tok.encode("b", add_special_tokens=False)[0])       # "ab": nothing more
