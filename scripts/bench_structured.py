@@ -1,6 +1,6 @@
 """What structured output costs per output token: constrained vs unconstrained decoding on
 the default model, at batch 1 and batch 16, in the same run (variants alternating, medians
-over the rounds).
+over the rounds, and the median of each round's constrained/unconstrained ratio).
 
     python scripts/bench_structured.py --rounds 5 --out results/structured_cost.json
 
@@ -30,6 +30,27 @@ RECORD = {"type": "object", "properties": {
 SCHEMA = {"type": "array", "items": RECORD, "minItems": 50}
 
 
+GRAMMAR_TIME = [0.0]    # seconds spent in the grammar work (masks, matcher advances)
+
+
+def _timed(fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            GRAMMAR_TIME[0] += time.perf_counter() - t0
+    return wrapper
+
+
+def instrument() -> None:
+    """Time the grammar's share of each step directly (less noisy than the difference of
+    two runs on a shared machine): the sampler's mask and the engine's matcher advance."""
+    from miaotui.engine import structured
+    structured.apply_masks = _timed(structured.apply_masks)
+    structured.Constraint.advance = _timed(structured.Constraint.advance)
+
+
 def run(llm, batch: int, output_len: int, constrained: bool, tag: str) -> dict:
     from miaotui.sampling_params import SamplingParams
     engine = llm.engine
@@ -40,6 +61,7 @@ def run(llm, batch: int, output_len: int, constrained: bool, tag: str) -> dict:
                                            f"List customer records (batch {tag}, #{i}) as JSON."}])
         engine.add_request(f"{tag}-{i}", prompt, params)
     decode_time, decode_tokens, outputs = 0.0, 0, {}
+    GRAMMAR_TIME[0] = 0.0
     while engine.has_unfinished():
         prefill = any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) \
             or bool(engine.scheduler.waiting)
@@ -49,14 +71,18 @@ def run(llm, batch: int, output_len: int, constrained: bool, tag: str) -> dict:
             if out.finished:
                 outputs[out.request_id] = out.outputs[0]
         dt = time.perf_counter() - t0
-        if not prefill:
+        if prefill:
+            grammar_in_prefill = GRAMMAR_TIME[0]
+        else:
             decode_time += dt
             decode_tokens += engine.stats["generated_tokens"] - before
     lengths = [len(o.token_ids) for o in outputs.values()]
     assert lengths == [output_len] * batch, lengths     # both variants decode the whole budget
     if constrained:   # the work was real: every answer is JSON of the schema so far
         assert all(o.text.startswith('[{"name": "') for o in outputs.values()), outputs
+    grammar = GRAMMAR_TIME[0] - locals().get("grammar_in_prefill", 0.0)
     return {"ms_per_token": 1e3 * decode_time / decode_tokens, "decode_tokens": decode_tokens,
+            "grammar_ms_per_token": 1e3 * grammar / decode_tokens,
             "ms_per_step": 1e3 * decode_time / (decode_tokens / batch)}
 
 
@@ -70,8 +96,12 @@ def main():
     from miaotui.llm import LLM
     batches = [int(b) for b in args.batches.split(",")]
     llm = LLM(max_num_seqs=max(batches))
+    instrument()
     t0 = time.perf_counter()
-    llm.engine.grammars.compile(__import__("miaotui").StructuredOutputParams(json=SCHEMA))
+    grammars = llm.engine.grammars            # the llguidance tokenizer, built once per model
+    setup_ms = 1e3 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    grammars.compile(__import__("miaotui").StructuredOutputParams(json=SCHEMA))
     compile_ms = 1e3 * (time.perf_counter() - t0)
     run(llm, 2, 8, True, "warm")
     run(llm, 2, 8, False, "warm")
@@ -82,16 +112,25 @@ def main():
                 res = run(llm, b, args.output_len, c, f"r{r}b{b}{'c' if c else 'u'}")
                 samples[(b, c)].append(res)
                 print(f"round {r} batch {b:2d} {'constrained  ' if c else 'unconstrained'} "
-                      f"{res['ms_per_token']:.3f} ms/token", file=sys.stderr)
+                      f"{res['ms_per_token']:.3f} ms/token (grammar {res['grammar_ms_per_token']:.3f})",
+                      file=sys.stderr)
     result = {"model": "SmolLM2-135M-Instruct Q4_1 (default)", "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "shared_machine": True, "rounds": args.rounds,
               "output_len": args.output_len, "schema": SCHEMA, "grammar_compile_ms": round(compile_ms, 2),
+              "tokenizer_setup_ms": round(setup_ms, 1),
               "batches": {}}
     for b in batches:
         med = {c: statistics.median(x["ms_per_token"] for x in samples[(b, c)]) for c in (False, True)}
         result["batches"][str(b)] = {
             "unconstrained_ms_per_token": round(med[False], 4), "constrained_ms_per_token": round(med[True], 4),
             "added_time_per_token": round(med[True] / med[False] - 1, 4),
+            # each round's two runs are back to back: their ratio cancels slow load drifts
+            "added_time_per_token_paired": round(statistics.median(
+                c["ms_per_token"] / u["ms_per_token"] for c, u in zip(samples[(b, True)], samples[(b, False)])) - 1, 4),
+            # the grammar's own time per output token, timed inside the constrained runs
+            "grammar_ms_per_token": round(statistics.median(x["grammar_ms_per_token"] for x in samples[(b, True)]), 4),
+            "grammar_share_of_constrained_time": round(statistics.median(
+                x["grammar_ms_per_token"] / x["ms_per_token"] for x in samples[(b, True)]), 4),
             "unconstrained_samples": [round(x["ms_per_token"], 4) for x in samples[(b, False)]],
             "constrained_samples": [round(x["ms_per_token"], 4) for x in samples[(b, True)]]}
     print(json.dumps(result["batches"], indent=1))
