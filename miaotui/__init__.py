@@ -10,10 +10,10 @@ SET_OMP_WAIT_POLICY = "OMP_WAIT_POLICY" not in os.environ and not os.environ.get
 if SET_OMP_WAIT_POLICY:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 from miaotui.config import MiaotuiError
-from miaotui.sampling_params import SamplingParams
+from miaotui.sampling_params import SamplingParams, StructuredOutputParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "MiaotuiError", "LLMEngine", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputParams", "MiaotuiError", "LLMEngine", "EngineConfig"]
 
 
 def __getattr__(name):  # keep `import miaotui` light: torch loads on first use

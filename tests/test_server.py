@@ -229,6 +229,7 @@ def test_echo_logprobs_scoring(tiny, client):
 AUTH = {"Authorization": f"Bearer {KEY}"}
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 BAD = [  # (path, raw body or JSON, headers, status, param)
     (C, '{"model": "tiny", "prompt": ', AUTH, 400, None),
     (C, "[1, 2]", AUTH, 400, None),
@@ -260,12 +261,28 @@ BAD = [  # (path, raw body or JSON, headers, status, param)
     (C, {"model": "tiny", "prompt": "x", "n": 1.5}, AUTH, 400, "n"),
     (CHAT, {"model": "tiny", "messages": MSG, "seed": 0.5}, AUTH, 400, "seed"),
     # OpenAI fields this server does not implement are refused by name, not ignored
-    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, AUTH, 400, "tools"),
-    (CHAT, {"model": "tiny", "messages": MSG, "tool_choice": "required"}, AUTH, 400, "tool_choice"),
-    (CHAT, {"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, AUTH,
-     400, "response_format"),
     (CHAT, {"model": "tiny", "messages": MSG, "functions": [{"name": "f"}]}, AUTH, 400, "functions"),
+    # structured output and tools: bad grammars, schemas and tool choices are 400s naming the field
+    (CHAT, {"model": "tiny", "messages": MSG, "tool_choice": "required"}, AUTH, 400, "tool_choice"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [TOOL], "tool_choice": {
+        "type": "function", "function": {"name": "other"}}}, AUTH, 400, "tool_choice"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [TOOL], "tool_choice": "maybe"}, AUTH, 400, "tool_choice"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [{"type": "function", "function": {
+        "name": "bad name!"}}]}, AUTH, 400, "tools"),
+    (CHAT, {"model": "tiny", "messages": MSG, "tools": [TOOL], "tool_choice": "required",
+            "guided_regex": "a+"}, AUTH, 400, "guided_regex"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, AUTH, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": MSG, "response_format": {"type": "xml"}}, AUTH, 400, "response_format"),
+    (CHAT, {"model": "tiny", "messages": MSG, "response_format": {"type": "json_schema"}}, AUTH, 400,
+     "response_format"),
+    (CHAT, {"model": "tiny", "messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}}, AUTH, 400,
+     "response_format"),
+    (C, {"model": "tiny", "prompt": "x", "guided_json": "{not json"}, AUTH, 400, "guided_json"),
+    (C, {"model": "tiny", "prompt": "x", "guided_regex": "(("}, AUTH, 400, "guided_regex"),
+    (C, {"model": "tiny", "prompt": "x", "guided_choice": []}, AUTH, 400, "guided_choice"),
+    (C, {"model": "tiny", "prompt": "x", "guided_grammar": "start: nothing_here"}, AUTH, 400, "guided_grammar"),
+    (C, {"model": "tiny", "prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, AUTH, 400, "guided_choice"),
     (C, {"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, AUTH, 400, "logit_bias"),
     (C, {"model": "tiny", "prompt": "x", "suffix": "end"}, AUTH, 400, "suffix"),
     ("/v1/models", None, {}, 401, None),
@@ -473,7 +490,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(client):
     """Clients often send the defaults of fields this server lacks; those mean nothing."""
     from miaotui.serve.protocol import IGNORED
     ignored = {"user": "someone", "metadata": {"k": "v"}, "service_tier": "auto",
-               "prompt_cache_key": "k", "safety_identifier": "s", "parallel_tool_calls": True}
+               "prompt_cache_key": "k", "safety_identifier": "s"}
     assert set(ignored) == set(IGNORED)
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2, tools=[],
                                        response_format={"type": "text"}, tool_choice="none",
@@ -626,3 +643,118 @@ def test_metrics_gauges_follow_admission_and_abort(tiny):
         if "step" in vars(served):
             gate.release()
     assert wait_for(served.pool_is_full)
+
+
+# ---- structured output and tool calls (issue 16) -----------------------------------------
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_structured_output_over_http(tiny, client):
+    """response_format and guided_* on both endpoints, streamed or not, as LLM.generate."""
+    import jsonschema
+    _, _, ref, _ = tiny
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    want = ref.chat(MSG, greedy(300, structured_output={"json": PERSON}))[0].outputs[0].text
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=300, temperature=0,
+                                       response_format=fmt)
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(want), PERSON)
+    stream = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=300, temperature=0,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+    r = client.completions.create(model="tiny", prompt="x", max_tokens=300, temperature=0,
+                                  extra_body={"guided_json": PERSON})
+    jsonschema.validate(json.loads(r.choices[0].text), PERSON)
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=300, seed=3,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "length" or isinstance(json.loads(r.choices[0].message.content), dict)
+    r = client.completions.create(model="tiny", prompt=["a", "b"], n=3, max_tokens=10, seed=1,
+                                  extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert len(r.choices) == 6 and all(c.text in ("red", "green", "blue") for c in r.choices)
+    r = client.completions.create(model="tiny", prompt="a", n=4, max_tokens=20, seed=2,
+                                  extra_body={"guided_regex": r"[0-9]{2,3}\.[a-z]{1,4}!"})
+    assert all(re.fullmatch(r"[0-9]{2,3}\.[a-z]{1,4}!", c.text) for c in r.choices), r.choices
+    r = client.completions.create(model="tiny", prompt="a", max_tokens=20, seed=2,
+                                  extra_body={"guided_grammar": 'root ::= "go" ("!" | "?")'})
+    assert r.choices[0].text in ("go!", "go?")
+
+
+def test_auto_tool_calls_are_parsed(tiny, client):
+    """tool_choice auto: calls in the answer become tool_calls (the answer forced here by a
+    guided choice, as a random model would not write one), streamed as deltas with index."""
+    answer = ('Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+              '<tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call>')
+    kw = dict(model="tiny", messages=MSG, tools=[TOOL], max_tokens=200, temperature=0,
+              extra_body={"guided_choice": [answer]})
+    r = client.chat.completions.create(**kw)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content == "Sure."
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == \
+        [("function", "f", {"x": 1}), ("function", "f", {"x": 2})]
+    assert len({c.id for c in m.tool_calls}) == 2 and all(c.id.startswith("call_") for c in m.tool_calls)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip() == "Sure."
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, "f", {"x": 1}), (1, "f", {"x": 2})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    r = client.chat.completions.create(**{**kw, "tool_choice": "none"})   # "none": no parsing
+    assert r.choices[0].message.content == answer and not r.choices[0].message.tool_calls
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_call_round_trip_default_model():
+    """The official client against the default model: a required call and a named one
+    (streamed), arguments valid for the tool's schema, then the tool's result sent back."""
+    import jsonschema
+    try:
+        llm = LLM(kv_cache_memory=64 << 20)
+    except MiaotuiError as exc:
+        pytest.skip(f"default model unavailable: {exc}")
+    schema = WEATHER_TOOL["function"]["parameters"]
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    with serve(llm.engine, "smollm2") as base:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        r = c.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+                                      tool_choice="required", max_tokens=80, temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        chunks = list(c.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+                                                tool_choice=named, max_tokens=80, temperature=0, stream=True))
+        deltas = [d for ch in chunks for d in (ch.choices[0].delta.tool_calls or [])]
+        assert [(d.index, d.type, d.function.name) for d in deltas] == [(0, "function", "get_weather")]
+        assert deltas[0].function.arguments == call.function.arguments     # greedy: same call
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the call and its result go back into the conversation
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "clear"}'}]
+        r = c.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+                                      max_tokens=30, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        assert r.choices[0].message.content or r.choices[0].message.tool_calls
+        prompt = r.usage.prompt_tokens
+        want = T_render_ids(llm, messages)
+        assert prompt == len(want)      # the tool call and result were rendered into the prompt
+
+
+def T_render_ids(llm, messages):
+    """Token ids of the prompt the server renders for `messages` with the weather tool."""
+    from miaotui.serve import protocol as P
+    from miaotui.serve import tools as T
+    msgs = [P.ChatMessage.model_validate(m) for m in messages]
+    text = T.render(llm.tokenizer, T.conversation(msgs), [WEATHER_TOOL])
+    assert '"temperature": 21' in text and "get_weather" in text
+    return llm.tokenizer.encode(text, add_special_tokens=False)

@@ -142,6 +142,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
                                   dtype=dtype)
         self.requests: dict[str, _Request] = {}
+        self._grammars = None
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "steps": 0}
         self.speculator = None
@@ -178,6 +179,8 @@ class LLMEngine:
         from miaotui.loader.tokenizer import IncrementalDetokenizer
         for s in seqs:
             s.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            if params.structured_output is not None:
+                s.constraint = self.grammars.constraint(params.structured_output)
         req = _Request(request_id, text, ids, params, seqs)
         self.requests[request_id] = req
         self.stats["prompt_tokens"] += len(ids)
@@ -190,6 +193,15 @@ class LLMEngine:
             return
         for s in seqs:
             self.scheduler.add(s)
+
+    @property
+    def grammars(self):
+        """The structured-output grammar compiler for this model's tokenizer (llguidance)."""
+        from miaotui.engine.structured import GrammarCompiler
+        with GrammarCompiler.creation_lock:   # the server's worker threads may ask first
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        return self._grammars
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -257,11 +269,15 @@ class LLMEngine:
         seq.token_ids.append(token)
         self.stats["generated_tokens"] += 1
         seq.text += seq.detokenizer.add([token])
+        # structured output: the grammar is complete (or, never with the mask, broken)
+        grammar_done = seq.constraint is not None and seq.constraint.advance(token)
         if token in p.stop_token_ids:  # (the sampler masks them before min_tokens)
             seq.finish_reason, seq.stop_reason = "stop", token
         elif token in self.eos_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         elif p.stop_list and self._check_stop_strings(seq):
+            seq.finish_reason = "stop"
+        elif grammar_done:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= seq.max_new_tokens:
             seq.finish_reason = "length"

@@ -52,6 +52,7 @@ class Sequence:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed + index if params.seed is not None
                                        else torch.seed())
+        self.constraint = None                   # structured output: its grammar matcher (engine/structured.py)
         self.detokenizer = None                  # set by the engine
         # speculative decoding (engine/speculative.py): guessed tokens this step may verify
         self.spec_k = 0                          # at most this many, set before scheduling

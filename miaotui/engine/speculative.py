@@ -260,7 +260,7 @@ class Speculator:
     def eligible(seq: Sequence) -> bool:
         p = seq.params
         return (p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and seq.num_output_tokens >= max(1, p.min_tokens) and getattr(seq, "constraint", None) is None
+                and seq.num_output_tokens >= max(1, p.min_tokens) and seq.constraint is None
                 and seq.num_computed_tokens == len(seq) - 1)
 
     def plan(self, running: list[Sequence]) -> None:

@@ -37,8 +37,9 @@ from miaotui.config import MiaotuiError
 from miaotui.engine.async_engine import AsyncEngine, RequestStream
 from miaotui.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
 from miaotui.engine.sequence import Logprob
-from miaotui.sampling_params import InvalidParams, SamplingParams
+from miaotui.sampling_params import InvalidParams, SamplingParams, StructuredOutputParams
 from miaotui.serve import protocol as P
+from miaotui.serve import tools as T
 from miaotui.serve.cli import is_loopback
 from miaotui.serve.metrics import Metrics, RequestTimer
 
@@ -69,6 +70,7 @@ class _Job:
     logprobs: int | None = None
     echo: bool = False
     include_usage: bool = False
+    tool_format: T.ToolFormat | None = None          # chat with tools: parse calls in this format
     stream: RequestStream | None = None
     timer: RequestTimer | None = None
     created: int = field(default_factory=P.now)      # the same in every chunk of a stream
@@ -141,8 +143,8 @@ class _Server:
         return req
 
     def sampling_params(self, req: P.SamplingRequest, max_tokens: int | None,
-                        logprobs: int | None = None, prompt_logprobs: int | None = None
-                        ) -> SamplingParams:
+                        logprobs: int | None = None, prompt_logprobs: int | None = None,
+                        structured_output: StructuredOutputParams | None = None) -> SamplingParams:
         def pick(value, default):
             return default if value is None else value
         try:
@@ -152,9 +154,45 @@ class _Server:
                 seed=req.seed, stop=req.stop, presence_penalty=pick(req.presence_penalty, 0.0),
                 frequency_penalty=pick(req.frequency_penalty, 0.0),
                 repetition_penalty=pick(req.repetition_penalty, 1.0), ignore_eos=req.ignore_eos,
-                min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                structured_output=structured_output)
         except InvalidParams as exc:
             raise APIError(400, str(exc), param=exc.param) from None
+
+    # ---- structured output --------------------------------------------------------------
+    GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+              "guided_grammar": "grammar"}
+
+    def structured_output(self, req: P.SamplingRequest) -> tuple[StructuredOutputParams | None, str | None]:
+        """The request's output constraint (response_format or one guided_* field) and the
+        field that asked for it."""
+        fmt = req.response_format
+        given = (["response_format"] if fmt is not None and fmt.type != "text" else []) + \
+            [name for name in self.GUIDED if getattr(req, name) is not None]
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise APIError(400, f"{given[0]} and {given[1]} cannot be combined", param=given[1])
+        name = given[0]
+        try:
+            if name != "response_format":
+                return StructuredOutputParams(**{self.GUIDED[name]: getattr(req, name)}), name
+            if fmt.type == "json_object":
+                return StructuredOutputParams(json_object=True), name
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format: type json_schema needs a json_schema",
+                               param="response_format")
+            schema = fmt.json_schema.schema_
+            return StructuredOutputParams(json=schema if schema is not None else {"type": "object"}), name
+        except InvalidParams as exc:
+            raise APIError(400, f"{name}: {_reason(exc)}", param=name) from None
+
+    async def compile_grammar(self, spec: StructuredOutputParams, param: str) -> None:
+        """Compile (or find cached) the grammar off the event loop; a bad one is a 400."""
+        try:
+            await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
+        except InvalidParams as exc:
+            raise APIError(400, f"{param}: {_reason(exc)}", param=param) from None
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, tokenized off the event loop; a text too long to fit the
@@ -297,7 +335,10 @@ class _Server:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of must equal n", param="best_of")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        spec, spec_field = self.structured_output(req)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs, spec)
+        if spec is not None:
+            await self.compile_grammar(spec, spec_field)
         job = _Job(P.random_id("cmpl"), await self.completion_prompts(req.prompt), req.n,
                    req.logprobs, req.echo,
                    bool(req.stream_options and req.stream_options.include_usage))
@@ -359,23 +400,25 @@ class _Server:
         req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        tools, tool_format, spec, spec_field = self.chat_tools(req)
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = T.render(self.tokenizer, T.conversation(req.messages), tools)
         except MiaotuiError as exc:
             raise APIError(400, str(exc), param="messages") from None
         ids = await self.encode(text, "messages", add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
-            params = self.sampling_params(req, max_tokens, logprobs)
+            params = self.sampling_params(req, max_tokens, logprobs, structured_output=spec)
         except APIError as err:
             if err.body.error.param == "logprobs":
                 err.body.error.param = "top_logprobs"
             raise
+        if spec is not None:
+            await self.compile_grammar(spec, spec_field)
         job = _Job(P.random_id("chatcmpl"), [(text, ids)], req.n, logprobs,
-                   include_usage=bool(req.stream_options and req.stream_options.include_usage))
+                   include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                   tool_format=tool_format)
         self.check_length(ids, max_tokens, "max_completion_tokens"
                           if req.max_completion_tokens is not None else "max_tokens")
         await self.submit(job, params)
@@ -383,10 +426,16 @@ class _Server:
             return self.sse(self.chat_chunks(job))
         await self.collect(request, job)
         out = job.finals[job.request_id(0)]
-        choices = [P.ChatChoice(index=o.index, message=P.ChatResponseMessage(content=o.text),
-                                logprobs=self.chat_logprobs(o.logprobs) if logprobs is not None else None,
-                                finish_reason=o.finish_reason)
-                   for o in out.outputs]
+        choices = []
+        for o in out.outputs:
+            content, calls = o.text, []
+            if job.tool_format is not None:
+                content, calls = T.parse_tool_calls(job.tool_format, o.text)
+            message = P.ChatResponseMessage(content=content, tool_calls=[_tool_call(c) for c in calls] or None)
+            choices.append(P.ChatChoice(
+                index=o.index, message=message,
+                logprobs=self.chat_logprobs(o.logprobs) if logprobs is not None else None,
+                finish_reason="tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason))
         return JSONResponse(P.ChatCompletionResponse(**self.head(job),
                                                      choices=choices, usage=job.usage()).model_dump())
 
@@ -395,6 +444,7 @@ class _Server:
             return P.ChatCompletionChunk(**self.head(job), choices=choices)
         yield chunk([P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))
                      for i in range(job.n)])
+        calls = {i: _StreamedCalls(job.tool_format) for i in range(job.n)} if job.tool_format else {}
         async for out in self.outputs(job):
             choices = []
             for o in out.outputs:
@@ -402,14 +452,79 @@ class _Server:
                 logprobs = None
                 if job.logprobs is not None and new_ids:
                     logprobs = self.chat_logprobs(o.logprobs[len(o.token_ids) - len(new_ids):])
-                if o.delta_text or logprobs or o.finish_reason:
-                    delta = P.ChatDelta(content=o.delta_text or None)
+                text, tool_calls, finish = o.delta_text, None, o.finish_reason
+                if calls:
+                    text, tool_calls, finish = calls[o.index].feed(o.delta_text, o.finish_reason)
+                if text or logprobs or finish or tool_calls:
+                    delta = P.ChatDelta(content=text or None, tool_calls=tool_calls)
                     choices.append(P.ChatChunkChoice(index=o.index, delta=delta, logprobs=logprobs,
-                                                     finish_reason=o.finish_reason))
+                                                     finish_reason=finish))
             if choices:
                 yield chunk(choices)
         if job.include_usage:
             yield P.ChatCompletionChunk(**self.head(job), choices=[], usage=job.usage())
+
+
+    def chat_tools(self, req: P.ChatCompletionRequest):
+        """(tools for the prompt, the call format to parse or None, the output constraint,
+        the field that asked for it) of a chat request."""
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+        spec, spec_field = self.structured_output(req)
+        for i, m in enumerate(req.messages):
+            if m.role == "tool" and not m.tool_call_id:
+                raise APIError(400, f"messages.{i}: a tool message needs tool_call_id", param="messages")
+        if choice == "none":
+            return tools, None, spec, spec_field
+        if not tools:
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        fmt = (T.tool_format(self.tokenizer.chat_template)
+               if T.template_renders_tools(self.tokenizer.chat_template) else T.FORMATS["hermes"])
+        if choice == "auto":
+            return tools, fmt, spec, spec_field
+        named = choice.function.name if isinstance(choice, P.NamedToolChoice) else None
+        if named is not None and named not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
+        if spec is not None:
+            raise APIError(400, f"tool_choice {'required' if named is None else 'a function'} and "
+                           f"{spec_field} cannot be combined", param=spec_field)
+        grammar = T.call_grammar(fmt, tools, named, bool(req.parallel_tool_calls))
+        return tools, fmt, StructuredOutputParams(grammar=grammar), "tools"
+
+
+class _StreamedCalls:
+    """One streamed choice's tool calls: content deltas outside calls, a tool_calls delta
+    (with its index) as each call completes, finish_reason "tool_calls" if any was made.
+    Whitespace around calls is held back and dropped when calls were made."""
+
+    def __init__(self, fmt: T.ToolFormat):
+        self.parser = T.ToolCallParser(fmt)
+        self.pending = ""
+
+    def feed(self, delta: str, finish_reason: str | None):
+        text, calls = self.parser.feed(delta)
+        if finish_reason is not None:
+            more, last = self.parser.finish()
+            text, calls = text + more, calls + last
+        start = len(self.parser.calls) - len(calls)
+        text, self.pending = self.pending + text, ""
+        if not text.strip() and not (finish_reason and not self.parser.calls):
+            text, self.pending = "", text
+        deltas = [P.ToolCallDelta(index=start + k, id=c["id"], type="function",
+                                  function=P.FunctionCallDelta(name=c["name"], arguments=c["arguments"]))
+                  for k, c in enumerate(calls)] or None
+        if finish_reason == "stop" and self.parser.calls:
+            finish_reason = "tool_calls"
+        return text, deltas, finish_reason
+
+
+def _tool_call(call: dict) -> P.ToolCall:
+    return P.ToolCall(id=call["id"], function=P.FunctionCall(name=call["name"], arguments=call["arguments"]))
+
+
+def _reason(exc: InvalidParams) -> str:
+    """InvalidParams' message without its "structured_output: " prefix."""
+    return str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
 
 
 def _no_constant(name: str):

@@ -27,16 +27,14 @@ def now() -> int:
 # OpenAI request fields not implemented here, with the values that ask for nothing (what
 # clients send by default). Any other value gets a 400 naming the field.
 UNSUPPORTED: dict[str, tuple] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-    "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "functions": (None, []), "function_call": (None, "none"),
     "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,), "reasoning_effort": (None,), "verbosity": (None,),
     "logit_bias": (None, {}), "suffix": (None, ""), "store": (None, False),
 }
 # OpenAI request fields accepted and ignored: they label or route a request, or only
 # matter together with a field above, and never change the answer.
-IGNORED = ("user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
-           "parallel_tool_calls")
+IGNORED = ("user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier")
 
 
 def unsupported_field(body: dict) -> str | None:
@@ -63,6 +61,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON following a schema."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions (vLLM's extensions included)."""
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -81,6 +94,12 @@ class SamplingRequest(BaseModel):
     min_tokens: Int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured output: OpenAI's response_format, or vLLM's guided_* extensions
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -97,10 +116,51 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str                                   # JSON text
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None                   # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None          # assistant: the calls it made
+    tool_call_id: str | None = None                  # tool: the call this result answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -114,6 +174,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Int | None = None
     logprobs: bool = False
     top_logprobs: Int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # several calls in one turn only when asked: with a call forced by the grammar, a small
+    # model otherwise repeats it until max_tokens
+    parallel_tool_calls: bool | None = None
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -161,9 +226,14 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+def _omit_none(value) -> bool:
+    return value is None
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChoice(BaseModel):
@@ -182,14 +252,23 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-def _omit_none(value) -> bool:
-    return value is None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_omit_none)
+    arguments: str | None = Field(None, exclude_if=_omit_none)
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = Field(None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_omit_none)
+    function: FunctionCallDelta | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatDelta(BaseModel):
     """Only the fields that changed; the final delta is {}."""
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(BaseModel):
