@@ -136,6 +136,7 @@ def test_scoring_with_max_tokens_zero(tiny_llama_dir):
 @pytest.mark.parametrize("bad", [
     dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(n=0), dict(max_tokens=-1),
     dict(min_p=2), dict(presence_penalty=5), dict(logprobs=100), dict(stop=[""]),
+    dict(prompt_logprobs_start=-1),
 ])
 def test_invalid_sampling_params(bad):
     with pytest.raises(MiaotuiError):
