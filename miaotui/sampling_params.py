@@ -76,6 +76,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None          # top-N log-probs per generated token (0: just the chosen)
     prompt_logprobs: int | None = None   # log-probs of the prompt tokens (scoring)
+    # prompt tokens before this index need no log-prob: they may come from the prefix cache
+    # (their entries are then None), so candidates scored after a shared prefix compute it once
+    prompt_logprobs_start: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # a grammar the output must follow (a StructuredOutputParams, or a dict of its fields)
@@ -106,6 +109,7 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "must be in [0, 20]"),
+            ("prompt_logprobs_start", self.prompt_logprobs_start >= 0, "must be >= 0"),
             ("stop", all(isinstance(s, str) and s for s in self.stop_list), "must be non-empty strings"),
         ]
         for name, ok, msg in checks:

@@ -136,6 +136,7 @@ def test_scoring_with_max_tokens_zero(tiny_llama_dir):
 @pytest.mark.parametrize("bad", [
     dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(n=0), dict(max_tokens=-1),
     dict(min_p=2), dict(presence_penalty=5), dict(logprobs=100), dict(stop=[""]),
+    dict(prompt_logprobs_start=-1),
 ])
 def test_invalid_sampling_params(bad):
     with pytest.raises(MiaotuiError):
@@ -223,3 +224,25 @@ def test_short_prompt_goes_before_a_long_one_under_the_cap(tiny_llama_dir):
     llm.engine.add_request("short", [5, 6, 7, 8], GREEDY)
     batch = dict((s.request_id, n) for s, n in sch.schedule())
     assert batch["short"] == 4 and batch.get("long", 0) == sch.prompt_cap - 4
+
+
+def test_scoring_after_a_cached_prefix(tiny_llama_dir):
+    """prompt_logprobs_start lets scored prompts share a cached prefix (computed once); the
+    log-probs from the start on equal those computed without the cache."""
+    llm = LLM(tiny_llama_dir[0], kv_cache_memory=16 << 20)
+    prefix = list(range(5, 45))                       # 40 tokens: two full blocks of 16
+    items = [[50 + i, 60 + i, 70 + i] for i in range(4)]
+    plain = llm.generate([prefix + it for it in items], SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert all(out.num_cached_tokens == 0 for out in plain)     # no cache without the start
+    shared = SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=len(prefix))
+    llm.generate([prefix], SamplingParams(max_tokens=0))        # warm the cache with the prefix
+    scored = llm.generate([prefix + it for it in items], shared)
+    for a, b in zip(plain, scored):
+        assert b.num_cached_tokens == 32 and len(b.prompt_logprobs) == len(prefix) + 3
+        assert b.prompt_logprobs[:33] == [None] * 33
+        assert [e.logprob for e in b.prompt_logprobs[len(prefix):]] == \
+            [e.logprob for e in a.prompt_logprobs[len(prefix):]]
+    # the start caps what the cache may supply: the token before it is always computed
+    edge = llm.generate([prefix[:33] + items[0]], SamplingParams(max_tokens=0, prompt_logprobs=0,
+                                                                 prompt_logprobs_start=32))[0]
+    assert edge.num_cached_tokens == 16 and edge.prompt_logprobs[32] is not None

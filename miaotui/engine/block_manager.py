@@ -62,15 +62,17 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         return self.blocks_needed(len(seq)) <= len(self.free)
 
-    def allocate(self, seq: Sequence, use_cache: bool = True) -> None:
-        """Blocks for all of the sequence's current tokens, reusing cached full blocks.
+    def allocate(self, seq: Sequence, use_cache: bool = True, max_cached: int | None = None) -> None:
+        """Blocks for all of the sequence's current tokens, reusing cached full blocks (at
+        most `max_cached` tokens' worth, when given).
 
         The last token is never taken from the cache: its logits must be computed. Only
         blocks of the prompt are looked up (see ``register_full_blocks``).
         """
         assert not seq.block_table
         bs = self.block_size
-        cacheable = min(len(seq) - 1, seq.num_prompt_tokens) // bs
+        cacheable = min(len(seq) - 1, seq.num_prompt_tokens,
+                        len(seq) if max_cached is None else max_cached) // bs
         if not (self.enable_prefix_caching and use_cache):
             cacheable = 0
         prev, num_hit = None, 0

@@ -222,8 +222,11 @@ class ModelRunner:
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, n: int) -> None:
         """Log-probs of prompt tokens start+1 .. start+n given their prefixes (for scoring)."""
         start = seq.num_computed_tokens
-        if start == 0:
-            seq.prompt_logprobs.append(None)          # the first token has no context
+        # entry i is token i's; None for token 0 (no context) and for tokens whose K/V came
+        # from the prefix cache (their predecessors' hidden states were never computed);
+        # after preemption the entries from `start` on are computed again
+        del seq.prompt_logprobs[start + 1:]
+        seq.prompt_logprobs.extend([None] * (start + 1 - len(seq.prompt_logprobs)))
         targets = seq.token_ids[start + 1:min(start + n + 1, seq.num_prompt_tokens)]
         if not targets:
             return

@@ -79,7 +79,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and cap > 0 and not preempted
                and len(self.running) < self.max_num_seqs and self.bm.can_allocate(self.waiting[0])):
             seq = self.waiting.popleft()
-            self.bm.allocate(seq, use_cache=seq.params.prompt_logprobs is None)
+            p = seq.params   # a scored prompt reuses cached blocks only before its scored part
+            self.bm.allocate(seq, max_cached=None if p.prompt_logprobs is None
+                             else max(p.prompt_logprobs_start - 1, 0))
             seq.status = Status.RUNNING
             self.running.append(seq)
             if capped:  # one a step: each holds its prompt's blocks while it waits its turn

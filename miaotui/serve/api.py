@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics.
+/health and /metrics; and a web chat page at / (static files in serve/static).
 
 Every request is checked in the same order (Host and Origin, API key, Content-Type, JSON,
 valid Unicode, unsupported fields, schema, model name, sampling parameters, prompt bytes,
@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
+import os
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -26,7 +28,9 @@ from typing import AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (FileResponse, JSONResponse, PlainTextResponse, Response,
+                               StreamingResponse)
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -43,7 +47,7 @@ from miaotui.serve import tools as T
 from miaotui.serve.cli import is_loopback
 from miaotui.serve.metrics import Metrics, RequestTimer
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 
 
 class APIError(Exception):
@@ -575,12 +579,12 @@ class _SiteGuard:
     When the server is bound to loopback, the Host header must name a loopback address
     with the server's port (a DNS-rebinding page sends its own name). A request with an
     Origin header (sent by browsers on cross-origin and POST requests) must come from an
-    allowed origin; none is allowed by default.
+    allowed origin; none is allowed by default, except the server's own (see same_origin).
     """
     LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
-    def __init__(self, app, host: str, allowed_origins: list[str]):
-        self.app, self.allowed_origins = app, allowed_origins
+    def __init__(self, app, host: str, allowed_origins: list[str], trust_any_host: bool = False):
+        self.app, self.allowed_origins, self.trust_any_host = app, allowed_origins, trust_any_host
         self.check_host = is_loopback(host)
         self.host_names = self.LOOPBACK_NAMES | {host.lower()}
 
@@ -599,11 +603,28 @@ class _SiteGuard:
                             "(localhost, 127.0.0.1 or [::1] and its port)", "permission_error",
                             code="host_not_allowed")
         origin = headers.get("origin")
-        if origin is not None and "*" not in self.allowed_origins and origin not in self.allowed_origins:
+        if origin is not None and "*" not in self.allowed_origins and origin not in self.allowed_origins \
+                and not self.same_origin(origin, host, scope):
             return APIError(403, f"requests from the web origin {origin!r} are not allowed "
                             "(see miaotui serve --allowed-origins)", "permission_error",
                             code="origin_not_allowed")
         return None
+
+    def same_origin(self, origin: str, host: str | None, scope) -> bool:
+        """The request comes from a page this server served (its web chat page at /): the
+        Origin is this very scheme://Host, and Host cannot have been set by DNS rebinding,
+        i.e. it names an IP address or localhost (with an API key, any name: a rebinding
+        page does not know the key)."""
+        if host is None or origin.lower() != f"{scope.get('scheme', 'http')}://{host}".lower():
+            return False
+        if self.trust_any_host:
+            return True
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname or ""
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name == "localhost"
+        return True
 
     def host_allowed(self, host: str, server: tuple | None) -> bool:
         """`host` (NAME[:PORT], NAME an IPv6 address in brackets) names this server."""
@@ -666,7 +687,8 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
-    app.add_middleware(_SiteGuard, host=host, allowed_origins=list(allowed_origins))
+    app.add_middleware(_SiteGuard, host=host, allowed_origins=list(allowed_origins),
+                       trust_any_host=api_key is not None)
     app.add_middleware(_CountRequests, metrics=server.metrics)
 
     @app.exception_handler(APIError)
@@ -705,8 +727,30 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
     async def metrics():
         return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    _add_chat_page(app)
     app.openapi = lambda: _openapi(app)
     return app
+
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def _add_chat_page(app: FastAPI) -> None:
+    """The web chat page: GET / and its files under /static (miaotui/serve/static, shipped
+    as package data; plain files, nothing fetched from elsewhere)."""
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html",
+                            headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+# The page loads only its own files and talks only to this server; no frames, no plugins.
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; "
+                 "style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; "
+                 "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 _ERRORS = {400: "The request is invalid", 401: "Missing or wrong API key",
