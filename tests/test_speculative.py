@@ -160,6 +160,21 @@ def test_greedy_identical_mixed_with_plain_requests_and_logprobs(tiny_dirs):
     assert got[0].metrics["spec_steps"] > 0 and got[4].metrics["spec_steps"] == 0
 
 
+def test_constrained_requests_do_not_speculate_and_stay_valid(tiny_dirs):
+    """A structured-output request next to speculating ones: it takes no guesses (its mask
+    is per step), its output matches the regex and equals a plain engine's."""
+    import re
+    path = tiny_dirs["llama"]
+    reg = SamplingParams(temperature=0, max_tokens=12, structured_output={"regex": r"[a-c]{3}-[0-9]{2,4}"})
+    free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = _prompts()[:2]
+    ref = LLM(path, max_num_seqs=8).generate(prompts, [reg, free])
+    outs = LLM(path, max_num_seqs=8, speculative={"method": "draft", "model": path}).generate(prompts, [reg, free])
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2,4}", outs[0].outputs[0].text)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    assert outs[0].metrics["spec_steps"] == 0 and outs[1].metrics["spec_steps"] > 0
+
+
 def test_stop_conditions_inside_accepted_guesses(tiny_dirs):
     """max_tokens, a stop token and a stop string falling among accepted guesses end the
     output exactly where plain decoding does."""
