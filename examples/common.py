@@ -39,10 +39,6 @@ def load_llm(args) -> LLM:
         kwargs["speculative"] = json.loads(spec) if spec.lstrip().startswith("{") else {"method": spec}
     try:
         llm = LLM(args.model, **kwargs)
-    except TypeError as exc:
-        if "speculative" in str(exc):
-            fail("this miaotui has no speculative decoding (LLM(speculative=...)) yet")
-        raise
     except Exception as exc:   # a missing or unreadable model: one line, exit 2
         fail(str(exc))
     if not args.no_warmup:     # first-call costs (thread pool start, allocations) out of the figures

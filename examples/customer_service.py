@@ -7,7 +7,7 @@ reported per question and summarized.
 
     python examples/customer_service.py "How do I reset the thermostat?" "Can I return it?"
     echo "Does it work with electric baseboard heaters?" | python examples/customer_service.py
-    python examples/customer_service.py --speculative ngram "..."   # when LLM(speculative=) exists
+    python examples/customer_service.py --speculative ngram "..."   # prompt-lookup speculation
 
 Uses only the public API (miaotui.LLM, SamplingParams). The default FAQ (data/lumo_faq.md)
 is a fictional thermostat's, written for this example.
