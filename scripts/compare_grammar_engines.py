@@ -2,8 +2,8 @@
 grammar compile time and per-token mask time (compute the mask, accept the token) while
 walking a valid JSON document for a schema, token by token.
 
-    pip install llguidance xgrammar
-    python scripts/compare_grammar_engines.py --out results/grammar_engines.json
+    pip install --no-deps --target /tmp/xgr xgrammar apache-tvm-ffi   # xgrammar's own deps
+    PYTHONPATH=/tmp/xgr python scripts/compare_grammar_engines.py   # pull triton (~GBs); not needed here
 
 Both engines run in the same process, alternating over the repeats; medians are reported.
 """
