@@ -50,8 +50,11 @@ class GPT2LMHeadModel(nn.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
+    def input_embeddings(self, input_ids, positions):
+        return F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
+
     def forward(self, input_ids, positions, meta):
-        x = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
+        x = self.input_embeddings(input_ids, positions)
         for block in self.h:
             x = block(x, meta)
         return self.ln_f(x)

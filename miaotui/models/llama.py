@@ -115,8 +115,19 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
 
+    def input_embeddings(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the first layer takes (the fused decode step starts from it too)."""
+        return self.embed(input_ids)
+
+    def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per rotary table, [T, 1, head_dim / 2] each; layer_rope(i) picks one."""
+        return [self.rotary.lookup(positions)]
+
+    def layer_rope(self, layer: int) -> int:
+        return 0
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        x = self.embed(input_ids)
+        x = self.input_embeddings(input_ids, positions)
         rope = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer(x, rope, meta)
