@@ -406,13 +406,14 @@ def from_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> QuantWeight:
     return _repack(_gguf().GGMLQuantizationType(qtype), blk, n, k)
 
 
-def dequantize_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> torch.Tensor:
-    """A GGUF tensor as float32 [out, in], bit-exact with gguf.quants.dequantize."""
+def dequantize_gguf(data: np.ndarray, qtype, shape: tuple[int, int], keep_16bit: bool = False) -> torch.Tensor:
+    """A GGUF tensor as float32 [out, in], bit-exact with gguf.quants.dequantize; F16 and
+    BF16 tensors stay 16-bit with `keep_16bit` (a copy either way)."""
     T = _gguf().GGMLQuantizationType
     qt = T(qtype)
     n, k = (int(s) for s in shape)
     if qt in (T.F32, T.F16, T.BF16):
         dt = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[qt]
         blk, _, _ = _raw_blocks(data, qt, shape)
-        return blk.reshape(-1).view(dt).view(n, k).to(torch.float32, copy=True)
+        return blk.reshape(-1).view(dt).view(n, k).to(dt if keep_16bit else torch.float32, copy=True)
     return from_gguf(data, qt, shape).dequantize()
