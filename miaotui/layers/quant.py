@@ -124,8 +124,11 @@ class QuantWeight:
         return w.view(rows, self.padded_in)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight as float32 [out_features, in_features]."""
-        w = self._dequant_rows(0, self.out_features)
+        """The weight as float32 [out_features, in_features] (the C++ kernel gives the same
+        bits ~10x faster: a GGUF embedding table is dequantized at every load)."""
+        k = kernels.load()
+        w = (self._dequant_rows(0, self.out_features) if k is None
+             else k.dequant(*self._kernel_args(), 0, self.out_features))
         return w if self.padded_in == self.in_features else w[:, :self.in_features].contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
