@@ -139,6 +139,17 @@ def test_tiny_models_are_batch_invariant(tmp_path, quant):
                     24, quantization=quant, kv_cache_memory=32 << 20)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_tiny_16bit_models_are_batch_invariant(tmp_path, family):
+    """bfloat16 weights kept 16-bit (dtype auto) on the fused step of the other families:
+    Gemma 3's sliding windows (16 tokens here) and GPT-2's learned positions."""
+    import torch
+    model = make_tiny_model(family, str(tmp_path))
+    model.to(torch.bfloat16).save_pretrained(str(tmp_path), safe_serialization=True)
+    _check_all_ways(str(tmp_path), lambda llm: [[(7 * i + j) % 250 for j in range(n)] for i, n in enumerate(LENGTHS)],
+                    24, kv_cache_memory=32 << 20)
+
+
 def test_server_concurrent_clients_match_solo_runs(smollm2_path):
     """32 concurrent greedy chat clients, half of them streaming: each gets the text its
     request gets alone, streamed or not."""

@@ -33,6 +33,17 @@ def test_f32_matmul(k, K, N):
     torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("K,N", [(576, 1536), (37, 50), (64, 7), (200, 9)])
+def test_16bit_weights_match_their_float32_values(k, dtype, K, N):
+    """16-bit weights widened inside the tiles: the bits of the float32 matmul on the same
+    (rounded) values, rows invariant; odd K takes the masked tail."""
+    g = torch.Generator().manual_seed(K)
+    x, w = torch.randn(40, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
+    y = _invariant(lambda a: k.f32_matmul(a, w), x)
+    assert torch.equal(y, k.f32_matmul(x, w.float()))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_f32_matmul_thread_count(k, threads):
     x, w = torch.randn(40, 96), torch.randn(300, 96)

@@ -1,11 +1,14 @@
-"""Decode steps of Llama-family models on CPU in one C++ call (kernels/decode_cpu.cpp).
+"""Decode steps on CPU in one C++ call (kernels/decode_cpu.cpp): the Llama family, Gemma 3
+and GPT-2.
 
 Through PyTorch a decode step is ~20 small ops per layer; on a 135M model their dispatch
 and thread wake-ups cost more than the matmuls. The model runner hands steps that only
 decode to a :class:`CPUDecoder` when one can be built for the model: the C++ side holds
 pointers to the model's own weights and KV cache, so nothing is copied and the PyTorch
-path (prefill, and every model this does not cover) sees the same state. Tests check the
-two paths against each other.
+path (prefill, and every model this does not cover) sees the same state. The embeddings
+(Gemma's scale, GPT-2's learned positions), the rotary tables and Gemma's final logit
+soft-capping are computed by the model's own code around the call. Tests check the two
+paths against each other.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from miaotui.layers.attention import KVCache
 from miaotui.layers.linear import Linear, RowStack
 from miaotui.layers.quant import QuantWeight
 
+# the model's hidden_act -> the C++ step's activation
+ACTS = {"silu": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
 
 def enabled() -> bool:
     return os.environ.get("MIAOTUI_FUSED_DECODE", "1") not in ("0", "")
@@ -25,33 +31,58 @@ def enabled() -> bool:
 class CPUDecoder:
     def __init__(self, model, impl):
         self.model, self.impl = model, impl
+        self.rope = hasattr(model, "rope_tables")
+        self.cap = getattr(model.cfg, "final_logit_softcapping", None)
 
     @classmethod
     def build(cls, model, caches: list[KVCache], block_size: int) -> CPUDecoder | None:
-        """A decoder for this model, or None when it is not covered: not a plain Llama-family
-        model (Gemma, GPT-2), not SiLU, weights neither quantized nor float32, or no kernels."""
+        """A decoder for this model, or None when it is not covered: not a Llama-family,
+        Gemma 3 or GPT-2 model, an activation other than SiLU or GELU (tanh), weights neither
+        quantized nor float32/float16/bfloat16, or no kernels."""
         from miaotui import kernels
+        from miaotui.models.gemma3 import Gemma3ForCausalLM
+        from miaotui.models.gpt2 import GPT2LMHeadModel
         from miaotui.models.llama import LlamaForCausalLM
         k = kernels.load()
         cfg = model.cfg
-        if (k is None or not enabled() or type(model) is not LlamaForCausalLM or cfg.hidden_act != "silu"
-                or model.embed_tokens.device.type != "cpu"):
+        kind = {LlamaForCausalLM: "llama", Gemma3ForCausalLM: "gemma3", GPT2LMHeadModel: "gpt2"}.get(type(model))
+        act = ACTS.get(cfg.hidden_act)
+        if (k is None or not enabled() or kind is None or act is None or (kind == "llama" and act != "silu")
+                or cfg.attn_logit_softcapping or _embed_table(model).device.type != "cpu"):
             return None
-        attn0 = model.layers[0].self_attn
+        layers = model.h if kind == "gpt2" else model.layers
+        attn0 = layers[0].attn if kind == "gpt2" else layers[0].self_attn.attn
         impl = k.DecodeModel(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             cfg.intermediate_size, cfg.norm_eps, attn0.attn.scale, block_size)
+                             cfg.intermediate_size, cfg.norm_eps, attn0.scale, block_size)
         try:
-            for i, (layer, cache) in enumerate(zip(model.layers, caches)):
-                a = layer.self_attn
-                impl.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                               None if a.q_norm is None else a.q_norm.weight,
-                               None if a.k_norm is None else a.k_norm.weight, cache.k, cache.v,
-                               cache.k_scale if cache.quantized else None,
-                               cache.v_scale if cache.quantized else None)
-                for which, lin in enumerate((a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)):
+            impl.set_arch("layer" if kind == "gpt2" else "rms", act, kind != "gpt2")
+            for i, (layer, cache) in enumerate(zip(layers, caches)):
+                scales = (cache.k_scale, cache.v_scale) if cache.quantized else (None, None)
+                if kind == "gpt2":
+                    impl.add_layer(layer.ln_1.weight, layer.ln_2.weight, None, None, cache.k, cache.v, *scales)
+                    impl.set_norm(i, 0, layer.ln_1.weight, layer.ln_1.bias)
+                    impl.set_norm(i, 2, layer.ln_2.weight, layer.ln_2.bias)
+                    impl.set_attention(i, 0, -1)
+                    linears = (layer.c_attn, layer.c_proj, layer.c_fc, layer.mlp_proj)
+                else:
+                    a = layer.self_attn
+                    mlp_in = layer.pre_feedforward_layernorm if kind == "gemma3" else layer.post_attention_layernorm
+                    impl.add_layer(layer.input_layernorm.weight, mlp_in.weight,
+                                   None if a.q_norm is None else a.q_norm.weight,
+                                   None if a.k_norm is None else a.k_norm.weight, cache.k, cache.v, *scales)
+                    if kind == "gemma3":  # the sandwich norms around attention's and the MLP's outputs
+                        impl.set_norm(i, 1, layer.post_attention_layernorm.weight)
+                        impl.set_norm(i, 3, layer.post_feedforward_layernorm.weight)
+                    window = a.attn.sliding and cfg.sliding_window or 0
+                    impl.set_attention(i, window, model.layer_rope(i))
+                    linears = (a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                for which, lin in enumerate(linears):
                     if not _add_linear(impl, i, which, lin):
                         return None
-            impl.set_head(model.norm.weight, cfg.vocab_size)
+            final = model.ln_f if kind == "gpt2" else model.norm
+            impl.set_head(final.weight, cfg.vocab_size)
+            if kind == "gpt2":
+                impl.set_norm(-1, 0, final.weight, final.bias)
             if not _add_linear(impl, -1, 0, model.lm_head):
                 return None
         except RuntimeError:  # a shape or dtype the C++ side does not take
@@ -62,16 +93,27 @@ class CPUDecoder:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] of one token per sequence."""
-        x = self.model.embed(input_ids).contiguous()
-        cos, sin = self.model.rotary.lookup(positions)
-        return self.impl.forward(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, tables, lens)
+        x = self.model.input_embeddings(input_ids, positions).float().contiguous()
+        if self.rope:  # [tables, B, head_dim / 2]
+            ropes = self.model.rope_tables(positions)
+            cos = torch.stack([c.squeeze(1) for c, _ in ropes])
+            sin = torch.stack([s.squeeze(1) for _, s in ropes])
+        else:
+            cos = sin = torch.empty(0, 0)
+        logits = self.impl.forward(x, cos, sin, slots, tables, lens)
+        # as the model's compute_logits
+        return logits if not self.cap else torch.tanh(logits / self.cap) * self.cap
+
+
+def _embed_table(model) -> torch.Tensor:
+    return model.wte if hasattr(model, "wte") else model.embed_tokens
 
 
 def _add_linear(impl, layer: int, which: int, lin: Linear) -> bool:
     if lin.bias is not None:
         impl.set_bias(layer, which, lin.bias.data)
     if lin.qweight is None:
-        if lin.weight.dtype != torch.float32:
+        if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return False
         impl.add_dense(layer, which, 0, lin.weight.data.contiguous())
         return True

@@ -34,7 +34,7 @@ KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32":
 @dataclass
 class EngineConfig:
     model: str | None = None
-    dtype: str = "auto"                  # weights' storage; on this CPU compute is fp32
+    dtype: str = "auto"                  # weights' storage ("auto": as stored, fp32 or 16-bit); compute is fp32
     quantization: str | None = None      # None (as stored) | "none" | "int8" | "int4"
     group_size: int = 32
     kv_cache_dtype: str = "auto"         # "auto" (= model dtype) | "int8"
@@ -126,7 +126,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(ckpt, config.chat_template)
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
-        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)
+        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
+                                 keep_16bit=config.dtype == "auto")
         del ckpt   # unmap the checkpoint file before the KV pool is allocated: a lower peak
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  cfg.max_position_embeddings)

@@ -1,4 +1,5 @@
-// The decoder layers of a Llama-family model for a batch of decode tokens, in one call.
+// The decoder layers of a model for a batch of decode tokens, in one call: the Llama family,
+// Gemma 3 and GPT-2.
 //
 // A decode step through PyTorch costs ~20 small ops per layer (norms, rope, cache writes,
 // attention, residuals), each a few microseconds of dispatch plus a thread wake-up: on
@@ -6,10 +7,15 @@
 // threads (qkv, attention, o, gate/up, down); everything between them is a few vector loops
 // on the calling thread. The math is the PyTorch path's (models/llama.py, layers/attention.py):
 //
-//   h = rmsnorm(x) ; q, k, v = h @ Wqkv (+ b) ; q, k = rmsnorm per head (Qwen3) ; rope(q, k)
+//   h = norm(x) ; q, k, v = h @ Wqkv (+ b) ; q, k = rmsnorm per head (Qwen3, Gemma) ; rope(q, k)
 //   cache[slot] = k, v (float32, float16, or int8 with a scale per token and head)
-//   o = softmax(q . K * scale) V over the sequence's slots (its block table)
-//   x += o @ Wo ; h = rmsnorm(x) ; x += act(h @ Wg) * (h @ Wu) @ Wd
+//   o = softmax(q . K * scale) V over the sequence's slots (its block table; a sliding window)
+//   x += [norm](o @ Wo + b) ; h = norm(x) ; x += [norm](act(h @ Wg) * (h @ Wu) @ Wd + b)
+//
+// norm: RMSNorm (Gemma's (1 + w) is folded into w at load) or LayerNorm with a bias (GPT-2);
+// the bracketed norms are Gemma's sandwich norms; act: SiLU or GELU (tanh), gated (Llama,
+// Gemma) or not (GPT-2: act(h @ Wfc + b) @ Wproj); rope: one of several tables per layer
+// (Gemma's local and global bases) or none (GPT-2's learned positions are in x already).
 //
 // Weights are either quantized (the int8-activation kernel of quant_cpu.cpp, what the
 // PyTorch path runs for decode too) or float32 (matmul_cpu.cpp, what prefill runs too).
@@ -21,6 +27,7 @@
 #include <chrono>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "quant_cpu.h"
@@ -124,6 +131,46 @@ void rmsnorm(const float* x, const float* w, float eps, int64_t n, float* out) {
   }
   const float r = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// a = gelu(g) [* u], GELU's tanh form: g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3))),
+// tanh(z) = 1 - 2 / (1 + exp(2z)). Gated: g = gu[0..n), u = gu[n..2n); else g = gu[0..n).
+void gelu_tanh(const float* gu, int64_t n, bool gated, float* a) {
+  constexpr float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(c),
+                                   _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                                  _mm256_mul_ps(g, _mm256_mul_ps(g, g)))));
+    // exp8 takes arguments up to 88; beyond, tanh is 1 either way
+    const __m256 e = exp8(_mm256_min_ps(_mm256_add_ps(z, z), _mm256_set1_ps(88.0f)));
+    const __m256 t = _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                                   _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    __m256 r = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(_mm256_set1_ps(1.0f), t));
+    if (gated) r = _mm256_mul_ps(r, _mm256_loadu_ps(gu + n + i));
+    _mm256_storeu_ps(a + i, r);
+  }
+  for (; i < n; ++i) {
+    const float g = gu[i];
+    const float r = 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g)));
+    a[i] = gated ? r * gu[n + i] : r;
+  }
+}
+
+// (x - mean) / sqrt(var + eps) * w + b, as F.layer_norm (var: the biased one).
+void layernorm(const float* x, const float* w, const float* b, float eps, int64_t n, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + i));
+  const float mean = hsum(acc) / static_cast<float>(n);
+  const __m256 mv = _mm256_set1_ps(mean);
+  acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+  }
+  const float r = 1.0f / std::sqrt(hsum(acc) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.0f);
 }
 
 // A layer's paged KV cache: [slots, kv_heads, head_dim] float32, float16, or int8 with a
@@ -316,10 +363,12 @@ struct PagedAttention {
   }
 };
 
-// A row range of a linear layer's output, stored one way.
+// A row range of a linear layer's output, stored one way: quantized, or dense rows of
+// float32, float16 or bfloat16 (16-bit rows are widened to float32 inside the matmul's
+// tiles: the same arithmetic as float32 weights holding the same values).
 struct Part {
   int64_t out0, n, k;
-  std::optional<Weights> quant;  // else float32 [n, k] in dense
+  std::optional<Weights> quant;  // else dense [n, k]
   at::Tensor dense;
   std::vector<at::Tensor> keep;  // the tensors `quant` points into
 };
@@ -333,7 +382,11 @@ struct Linear {
   void run(const float* x, int64_t T, float* y) const {
     for (const Part& p : parts) {
       if (p.quant) qmatmul_into(x, T, *p.quant, y + p.out0, N);
-      else f32_matmul_into(x, p.k, T, p.k, p.dense.data_ptr<float>(), p.k, p.n, y + p.out0, N);
+      else if (p.dense.scalar_type() == at::kFloat)
+        f32_matmul_into(x, p.k, T, p.k, p.dense.data_ptr<float>(), p.k, p.n, y + p.out0, N);
+      else
+        h16_matmul_into(x, p.k, T, p.k, static_cast<const half_t*>(p.dense.data_ptr()), p.k, p.n, y + p.out0, N,
+                        p.dense.scalar_type() == at::kBFloat16);
     }
     if (bias)
       for (int64_t t = 0; t < T; ++t)
@@ -341,14 +394,25 @@ struct Linear {
   }
 };
 
+// A norm's weights: RMSNorm, or LayerNorm (with its bias, which may be null) in a model
+// built with LayerNorm. w null: no norm there.
+struct Norm {
+  const float* w = nullptr;
+  const float* b = nullptr;
+};
+
 struct Layer {
-  const float* in_norm = nullptr;
-  const float* post_norm = nullptr;
-  const float* q_norm = nullptr;  // Qwen3
+  // before attention, after it (Gemma), before the MLP, after it (Gemma)
+  Norm attn_in, attn_out, mlp_in, mlp_out;
+  const float* q_norm = nullptr;  // Qwen3, Gemma: RMSNorm per head
   const float* k_norm = nullptr;
-  Linear lin[4];  // qkv, o, gate_up, down
+  int64_t window = 0;  // sliding window in tokens (0: none)
+  int64_t rope = 0;    // which rope table (-1: none)
+  Linear lin[4];       // qkv, o, gate_up (GPT-2: fc), down (GPT-2: proj)
   at::Tensor k, v, k_scale, v_scale;  // the paged cache; scales when int8
 };
+
+enum class Act { kSilu, kGeluTanh };
 
 class DecodeModel {
  public:
@@ -360,13 +424,24 @@ class DecodeModel {
     attn_ = PagedAttention{nh_, nkv_, hd_, bs_, scale_};
   }
 
+  // The architecture's choices, before any layer: norm "rms" or "layer" (LayerNorm), act
+  // "silu" or "gelu_tanh", gated MLP (act(gate) * up) or not (act(fc)). Default: Llama's.
+  void set_arch(const std::string& norm, const std::string& act, bool gated) {
+    TORCH_CHECK(layers_.empty(), "set_arch comes before add_layer");
+    TORCH_CHECK(norm == "rms" || norm == "layer", "norm: rms or layer");
+    TORCH_CHECK(act == "silu" || act == "gelu_tanh", "act: silu or gelu_tanh");
+    layer_norm_ = norm == "layer";
+    act_ = act == "silu" ? Act::kSilu : Act::kGeluTanh;
+    gated_ = gated;
+  }
+
   void add_layer(const at::Tensor& in_norm, const at::Tensor& post_norm,
                  const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                  const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& k_scale,
                  const std::optional<at::Tensor>& v_scale) {
     Layer l;
-    l.in_norm = f32(in_norm, H_);
-    l.post_norm = f32(post_norm, H_);
+    l.attn_in.w = f32(in_norm, H_);
+    l.mlp_in.w = f32(post_norm, H_);
     if (q_norm) l.q_norm = f32(*q_norm, hd_);
     if (k_norm) l.k_norm = f32(*k_norm, hd_);
     TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.dim() == 3 && k.size(1) == nkv_ &&
@@ -378,9 +453,30 @@ class DecodeModel {
     TORCH_CHECK(layers_.empty() || num_slots_ == k.size(0), "caches differ in size");
     num_slots_ = k.size(0);
     if (int8) l.k_scale = *k_scale, l.v_scale = *v_scale;
-    const int64_t outs[4] = {(nh_ + 2 * nkv_) * hd_, H_, 2 * I_, H_};
+    const int64_t outs[4] = {(nh_ + 2 * nkv_) * hd_, H_, (gated_ ? 2 : 1) * I_, H_};
     for (int i = 0; i < 4; ++i) l.lin[i].N = outs[i];
     layers_.push_back(std::move(l));
+  }
+
+  // Norm `which` of a layer (0 before attention, 1 after it, 2 before the MLP, 3 after it;
+  // layer -1: the final norm), with a LayerNorm's bias.
+  void set_norm(int64_t layer, int64_t which, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+    TORCH_CHECK(which >= 0 && which < 4, "which");
+    Norm* n = &final_norm_;
+    if (layer >= 0) {
+      Layer& l = layers_.at(layer);
+      Norm* norms[4] = {&l.attn_in, &l.attn_out, &l.mlp_in, &l.mlp_out};
+      n = norms[which];
+    }
+    n->w = f32(w, H_);
+    n->b = b ? f32(*b, H_) : nullptr;
+  }
+
+  // A layer's attention: its sliding window (0: none) and rope table (-1: none).
+  void set_attention(int64_t layer, int64_t window, int64_t rope) {
+    TORCH_CHECK(window >= 0 && rope >= -1, "window, rope");
+    Layer& l = layers_.at(layer);
+    l.window = window, l.rope = rope;
   }
 
   void add_quant(int64_t layer, int64_t which, int64_t out0, const at::Tensor& q,
@@ -394,8 +490,10 @@ class DecodeModel {
   }
 
   void add_dense(int64_t layer, int64_t which, int64_t out0, const at::Tensor& w) {
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) % 8 == 0,
-                "dense weights must be contiguous float32 with in_features % 8 == 0");
+    const auto dt = w.scalar_type();
+    TORCH_CHECK((dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && w.is_contiguous() &&
+                w.dim() == 2 && w.size(1) % 8 == 0,
+                "dense weights must be contiguous float32, float16 or bfloat16 with in_features % 8 == 0");
     Part p;
     p.out0 = out0, p.n = w.size(0), p.k = w.size(1), p.dense = w;
     add_part(layer, which, std::move(p));
@@ -404,7 +502,7 @@ class DecodeModel {
   // The final norm and the LM head [vocab, H] (its weights then go through add_quant /
   // add_dense with layer -1).
   void set_head(const at::Tensor& norm, int64_t vocab) {
-    final_norm_ = f32(norm, H_);
+    final_norm_.w = f32(norm, H_);
     head_.N = vocab;
   }
 
@@ -414,66 +512,34 @@ class DecodeModel {
   }
 
   // Logits [B, vocab] of one token per sequence. x [B, H]: their embeddings (overwritten);
-  // cos/sin [B, hd/2]; slots [B] where each token's K/V goes; tables [B, nblk] block tables;
-  // lens [B] tokens in each sequence's context, this one included.
+  // cos/sin [R, B, hd/2] for R rope tables ([B, hd/2]: one); slots [B] where each token's
+  // K/V goes; tables [B, nblk] block tables; lens [B] tokens in each sequence's context,
+  // this one included.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
-               const at::Tensor& tables, const at::Tensor& lens) {
-    const int64_t B = x.size(0), half = hd_ / 2, QKV = (nh_ + 2 * nkv_) * hd_;
+                     const at::Tensor& tables, const at::Tensor& lens) {
+    const int64_t B = x.size(0), half = hd_ / 2;
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == H_, "x");
-    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B && cos.size(1) == half, "rope");
+    const int64_t R = cos.dim() == 3 ? cos.size(0) : 1;
+    TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+                cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                (cos.numel() == 0 || (cos.size(-2) == B && cos.size(-1) == half)), "rope");
     TORCH_CHECK(slots.scalar_type() == at::kLong && tables.scalar_type() == at::kLong &&
-                lens.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == B, "metadata");
+                lens.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == B &&
+                slots.numel() == B && lens.numel() == B, "metadata");
     check_complete();
-    float* xp = x.data_ptr<float>();
-    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-    const int64_t *slot = slots.data_ptr<int64_t>(), *table = tables.data_ptr<int64_t>(),
-                  *len = lens.data_ptr<int64_t>();
-    const int64_t nblk = tables.size(1);
-    std::vector<int64_t> pos(B);
-    for (int64_t b = 0; b < B; ++b) pos[b] = len[b] - 1;  // each attends to its whole context
-    std::vector<float> h(B * H_), qkv(B * QKV), att(B * nh_ * hd_), gu(B * 2 * I_), act(B * I_), y(B * H_);
+    TORCH_CHECK(max_rope_ < (cos.numel() == 0 ? 0 : R), "a layer's rope table is missing");
+    Step s(B, H_, (nh_ + 2 * nkv_) * hd_, nh_ * hd_, (gated_ ? 2 : 1) * I_, I_);
+    s.x = x.data_ptr<float>();
+    if (cos.numel()) s.cos = cos.data_ptr<float>(), s.sin = sin.data_ptr<float>();
+    s.slot = slots.data_ptr<int64_t>(), s.table = tables.data_ptr<int64_t>(), s.nblk = tables.size(1);
+    const int64_t* len = lens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) s.pos[b] = len[b] - 1;  // each attends to its whole context
     Clock clock(profile_);
-    for (Layer& l : layers_) {
-      for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, l.in_norm, eps_, H_, h.data() + b * H_);
-      clock.lap(kOther);
-      l.lin[0].run(h.data(), B, qkv.data());
-      clock.lap(kQKV);
-      for (int64_t b = 0; b < B; ++b) {
-        float* row = qkv.data() + b * QKV;
-        for (int64_t i = 0; i < nh_ + nkv_; ++i) {  // q heads, then k heads
-          float* head = row + i * hd_;
-          const float* nw = i < nh_ ? l.q_norm : l.k_norm;
-          if (nw) rmsnorm(head, nw, eps_, hd_, head);
-          const float *c = cp + b * half, *s = sp + b * half;
-          for (int64_t j = 0; j < half; ++j) {
-            const float x1 = head[j], x2 = head[j + half];
-            head[j] = x1 * c[j] - x2 * s[j];
-            head[j + half] = x2 * c[j] + x1 * s[j];
-          }
-        }
-        write_kv(l, slot[b], row + nh_ * hd_, row + (nh_ + nkv_) * hd_);
-      }
-      clock.lap(kOther);
-      attn_.run(cache_of(l.k, l.v, l.k_scale, l.v_scale), B, qkv.data(), QKV, table, nblk, nullptr,
-                pos.data(), 0, att.data(), nh_ * hd_);
-      clock.lap(kAttention);
-      l.lin[1].run(att.data(), B, y.data());
-      clock.lap(kO);
-      for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
-      for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, l.post_norm, eps_, H_, h.data() + b * H_);
-      clock.lap(kOther);
-      l.lin[2].run(h.data(), B, gu.data());
-      clock.lap(kGateUp);
-      for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * I_, I_, act.data() + b * I_);
-      clock.lap(kOther);
-      l.lin[3].run(act.data(), B, y.data());
-      clock.lap(kDown);
-      for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
-    }
-    for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, final_norm_, eps_, H_, h.data() + b * H_);
+    for (Layer& l : layers_) run_layer(l, s, clock);
+    norm(final_norm_, s.x, s.h.data(), B);
     at::Tensor logits = at::empty({B, head_.N}, x.options());
     clock.lap(kOther);
-    head_.run(h.data(), B, logits.data_ptr<float>());
+    head_.run(s.h.data(), B, logits.data_ptr<float>());
     clock.lap(kHead);
     ++profile_[kCalls];
     return logits;
@@ -490,6 +556,80 @@ class DecodeModel {
   }
 
  private:
+  // One forward's state: the B tokens' residual stream x, their metadata and the buffers
+  // between the jobs.
+  struct Step {
+    Step(int64_t B, int64_t H, int64_t QKV, int64_t Q, int64_t GU, int64_t I)
+        : B(B), QKV(QKV), pos(B), h(B * H), qkv(B * QKV), att(B * Q), gu(B * GU), act(B * I), y(B * H) {}
+    int64_t B, QKV;
+    float* x = nullptr;
+    const float *cos = nullptr, *sin = nullptr;
+    const int64_t *slot = nullptr, *table = nullptr;
+    int64_t nblk = 0;
+    std::vector<int64_t> pos;
+    std::vector<float> h, qkv, att, gu, act, y;
+  };
+
+  // One decoder layer for the step's tokens: x += attention(...), x += mlp(...).
+  void run_layer(Layer& l, Step& s, Clock& clock) {
+    const int64_t B = s.B, QKV = s.QKV, half = hd_ / 2;
+    norm(l.attn_in, s.x, s.h.data(), B);
+    clock.lap(kOther);
+    l.lin[0].run(s.h.data(), B, s.qkv.data());
+    clock.lap(kQKV);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = s.qkv.data() + b * QKV;
+      for (int64_t i = 0; i < nh_ + nkv_; ++i) {  // q heads, then k heads
+        float* head = row + i * hd_;
+        const float* nw = i < nh_ ? l.q_norm : l.k_norm;
+        if (nw) rmsnorm(head, nw, eps_, hd_, head);
+        if (l.rope < 0) continue;
+        const int64_t at = (l.rope * B + b) * half;
+        const float *c = s.cos + at, *sn = s.sin + at;
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = head[j], x2 = head[j + half];
+          head[j] = x1 * c[j] - x2 * sn[j];
+          head[j + half] = x2 * c[j] + x1 * sn[j];
+        }
+      }
+      write_kv(l, s.slot[b], row + nh_ * hd_, row + (nh_ + nkv_) * hd_);
+    }
+    clock.lap(kOther);
+    attn_.run(cache_of(l.k, l.v, l.k_scale, l.v_scale), B, s.qkv.data(), QKV, s.table, s.nblk, nullptr,
+              s.pos.data(), l.window, s.att.data(), nh_ * hd_);
+    clock.lap(kAttention);
+    l.lin[1].run(s.att.data(), B, s.y.data());
+    clock.lap(kO);
+    add_residual(l.attn_out, s);
+    norm(l.mlp_in, s.x, s.h.data(), B);
+    clock.lap(kOther);
+    l.lin[2].run(s.h.data(), B, s.gu.data());
+    clock.lap(kGateUp);
+    const int64_t GU = (gated_ ? 2 : 1) * I_;
+    for (int64_t b = 0; b < B; ++b) {
+      if (act_ == Act::kSilu) silu_mul(s.gu.data() + b * GU, I_, s.act.data() + b * I_);  // always gated
+      else gelu_tanh(s.gu.data() + b * GU, I_, gated_, s.act.data() + b * I_);
+    }
+    clock.lap(kOther);
+    l.lin[3].run(s.act.data(), B, s.y.data());
+    clock.lap(kDown);
+    add_residual(l.mlp_out, s);
+  }
+
+  // x += norm(y) (a sandwich norm) or x += y.
+  void add_residual(const Norm& n, Step& s) const {
+    if (n.w) norm(n, s.y.data(), s.y.data(), s.B);
+    for (int64_t i = 0; i < s.B * H_; ++i) s.x[i] = s.x[i] + s.y[i];
+  }
+
+  // out [B, H] = norm(x [B, H]) row by row (out may be x).
+  void norm(const Norm& n, const float* x, float* out, int64_t B) const {
+    for (int64_t b = 0; b < B; ++b) {
+      if (layer_norm_) layernorm(x + b * H_, n.w, n.b, eps_, H_, out + b * H_);
+      else rmsnorm(x + b * H_, n.w, eps_, H_, out + b * H_);
+    }
+  }
+
   static const float* f32(const at::Tensor& t, int64_t n) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "expected float32 [", n, "]");
     return t.data_ptr<float>();
@@ -509,13 +649,16 @@ class DecodeModel {
 
   void check_complete() {
     if (complete_) return;
-    TORCH_CHECK(final_norm_ && !head_.parts.empty(), "the LM head is missing");
-    for (const Layer& l : layers_)
+    TORCH_CHECK(final_norm_.w && !head_.parts.empty(), "the LM head is missing");
+    TORCH_CHECK(act_ == Act::kGeluTanh || gated_, "SiLU is only taken gated");
+    for (const Layer& l : layers_) {
+      max_rope_ = std::max(max_rope_, l.rope);
       for (const Linear& lin : l.lin) {
         int64_t n = 0;
         for (const Part& p : lin.parts) n += p.n;
         TORCH_CHECK(n == lin.N, "a linear layer is missing weights");
       }
+    }
     complete_ = true;
   }
 
@@ -554,11 +697,14 @@ class DecodeModel {
   int64_t H_, nh_, nkv_, hd_, I_;
   float eps_, scale_;
   int64_t bs_;
+  bool layer_norm_ = false, gated_ = true;
+  Act act_ = Act::kSilu;
   PagedAttention attn_;
   int64_t num_slots_ = 0;
   std::vector<Layer> layers_;
   Linear head_;
-  const float* final_norm_ = nullptr;
+  Norm final_norm_;
+  int64_t max_rope_ = -1;
   bool complete_ = false;
   int64_t profile_[kCalls + 1] = {};
 };
@@ -590,15 +736,78 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
+// The norms and activations of the step, for the PyTorch modules (layers/norm.py,
+// layers/activation.py): with the same code on both paths, a decode token's activations are
+// bit-identical whichever path computes it, which matters where they are then rounded to int8
+// (a last-bit difference can move a value across a rounding edge). Rows are independent.
+at::Tensor rows_of(const at::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(-1) == n, "x: contiguous float32 [..., ",
+              n, "]");
+  return at::empty(x.sizes(), x.options());
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && n % 8 == 0, "w: float32 [n], n % 8 == 0");
+  at::Tensor out = rows_of(x, n);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(x.numel() / std::max<int64_t>(n, 1), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rmsnorm(xp + r * n, wp, static_cast<float>(eps), n, op + r * n);
+  });
+  return out;
+}
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && w.is_contiguous() &&
+              b.is_contiguous() && b.numel() == n && n % 8 == 0, "w, b: float32 [n], n % 8 == 0");
+  at::Tensor out = rows_of(x, n);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(x.numel() / std::max<int64_t>(n, 1), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) layernorm(xp + r * n, wp, bp, static_cast<float>(eps), n, op + r * n);
+  });
+  return out;
+}
+
+// act(x) ("silu" only gated, "gelu_tanh"), or gated: act(gate) * up for x [..., 2n] holding
+// gate and up side by side; returns [..., n].
+at::Tensor activation(const at::Tensor& x, const std::string& act, bool gated) {
+  TORCH_CHECK(act == "gelu_tanh" || (act == "silu" && gated), "activation: gelu_tanh, or silu gated");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() >= 1 && (!gated || x.size(-1) % 2 == 0),
+              "x: contiguous float32");
+  const int64_t w = x.size(-1), n = gated ? w / 2 : w;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  parallel_rows(x.numel() / std::max<int64_t>(w, 1), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (act == "silu") silu_mul(xp + r * w, n, op + r * n);
+      else gelu_tanh(xp + r * w, n, gated, op + r * n);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 void register_decode(pybind11::module& m) {
   m.def("paged_attention", &paged_attention, "attention of prompt or decode tokens over a paged KV cache",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2) + eps)) per row, as the fused step", no_gil());
+  m.def("layer_norm", &layer_norm, "LayerNorm per row, as the fused step", no_gil());
+  m.def("activation", &activation, "act(x) or act(gate) * up per row, as the fused step", no_gil());
   pybind11::class_<DecodeModel>(m, "DecodeModel")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, int64_t>())
+      .def("set_arch", &DecodeModel::set_arch)
       .def("add_layer", &DecodeModel::add_layer)
+      .def("set_norm", &DecodeModel::set_norm, pybind11::arg("layer"), pybind11::arg("which"), pybind11::arg("weight"),
+           pybind11::arg("bias") = pybind11::none())
+      .def("set_attention", &DecodeModel::set_attention)
       .def("add_quant", &DecodeModel::add_quant)
       .def("add_dense", &DecodeModel::add_dense)
       .def("set_bias", &DecodeModel::set_bias)

@@ -51,6 +51,22 @@ struct Dense {
   Dense at(int64_t n) const { return {w + n * ldw, ldw}; }
 };
 
+// float16 / bfloat16 rows widened to float32 sixteen values at a time (exact).
+template <bool kBF16>
+struct Wide16 {
+  const uint16_t* w;
+  int64_t ldw;
+  static __m512 widen(__m256i v) {
+    if constexpr (kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+    else return _mm512_cvtph_ps(v);
+  }
+  __m512 load(int j, int64_t k) const {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * ldw + k)));
+  }
+  __m512 load_tail(int j, int64_t k, __mmask16 m) const { return widen(_mm256_maskz_loadu_epi16(m, w + j * ldw + k)); }
+  Wide16 at(int64_t n) const { return {w + n * ldw, ldw}; }
+};
+
 struct Quant {
   const QuantRows* w;
   int64_t n0;
@@ -134,6 +150,12 @@ void rows(const float* x, int64_t ldx, int64_t T, int64_t K, const W& w, int64_t
 void f32_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
               float* y, int64_t ldy) {
   rows(x, ldx, T, K, Dense{w, ldw}, N, y, ldy);
+}
+
+void h16_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const uint16_t* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy, bool bf16) {
+  if (bf16) rows(x, ldx, T, K, Wide16<true>{w, ldw}, N, y, ldy);
+  else rows(x, ldx, T, K, Wide16<false>{w, ldw}, N, y, ldy);
 }
 
 void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& w, int64_t n0, int64_t n1,

@@ -10,7 +10,8 @@
 // batch-invariant mode and the "defeating nondeterminism" work get it on GPUs by fixing
 // the reduction split; BLAS gives no such promise, MKL picks kernels by shape).
 //
-// The same code serves float32 weights (rows read in place) and quantized ones with
+// The same code serves float32 weights (rows read in place), 16-bit ones (widened in the
+// tiles, exactly) and quantized ones with
 // float32 activations (prefill's exact path). Those are dequantized with exactly
 // QuantWeight.dequantize's operations (an int to float, a multiply, an add), either a block
 // of rows at a time into a thread's buffer (many rows of x: the work is shared) or eight
@@ -50,6 +51,32 @@ struct Dense {
   __m256 load_tail(int j, int64_t k, __m256i m) const { return _mm256_maskload_ps(w + j * ldw + k, m); }
   Dense at(int64_t n) const { return {w + n * ldw, ldw}; }
 };
+
+// 16-bit rows read in place and widened to float32 eight values at a time, exactly: float16
+// by F16C, bfloat16 by a shift (its bits are a float32's upper half). A 16-bit weight then
+// takes the same FMA chain as the float32 weight holding the same value.
+template <bool kBF16>
+struct Wide16 {
+  const half_t* w;
+  int64_t ldw;
+  static __m256 widen(__m128i v) {
+    if constexpr (kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    else return _mm256_cvtph_ps(v);
+  }
+  __m256 load(int j, int64_t k) const {
+    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * ldw + k)));
+  }
+  // past K: zeros, reading nothing past the row
+  __m256 load_tail(int j, int64_t k, __m256i m) const {
+    alignas(16) half_t buf[8] = {};
+    const int count = __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m)));
+    std::copy(w + j * ldw + k, w + j * ldw + k + count, buf);
+    return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+  }
+  Wide16 at(int64_t n) const { return {w + n * ldw, ldw}; }
+};
+using Half = Wide16<false>;
+using BF16 = Wide16<true>;
 
 // Eight weights k..k+7 (k a multiple of 8) of a quantized row as float32, computed as
 // dequant_row does: the integer value (minus 8 for int4 without a min), times the scale,
@@ -156,6 +183,13 @@ void rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const float* 
   rows(x, ldx, T, K, Dense{w, ldw}, N, y, ldy);
 }
 
+void h16_rows_block(const float* x, int64_t ldx, int64_t T, int64_t K, const half_t* w, int64_t ldw,
+                    int64_t N, float* y, int64_t ldy, bool bf16) {
+  if (use_avx512()) return avx512::h16_rows(x, ldx, T, K, w, ldw, N, y, ldy, bf16);
+  if (bf16) rows(x, ldx, T, K, BF16{w, ldw}, N, y, ldy);
+  else rows(x, ldx, T, K, Half{w, ldw}, N, y, ldy);
+}
+
 // All T rows of x against rows n0..n1 of a quantized W, dequantized inside the tiles.
 template <typename S>
 void qrows_s(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, int64_t n0, int64_t n1,
@@ -214,6 +248,14 @@ void f32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const fl
   });
 }
 
+void h16_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const half_t* w, int64_t ldw,
+                     int64_t N, float* y, int64_t ldy, bool bf16) {
+  if (T == 0 || N == 0) return;
+  split(T, N, block_rows(K), [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+    h16_rows_block(x + t0 * ldx, ldx, t1 - t0, K, w + n0 * ldw, ldw, n1 - n0, y + t0 * ldy + n0, ldy, bf16);
+  });
+}
+
 void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y,
                       int64_t ldy) {
   TORCH_CHECK(K <= w.K, "x is wider than the weight");
@@ -240,14 +282,20 @@ at::Tensor check_x(const at::Tensor& x) {
   return x;
 }
 
-// y = x @ W.T for float32 W [N, K].
+// y = x @ W.T for W [N, K] float32, or float16 / bfloat16 widened to float32 (the same
+// result as for W.float()).
 at::Tensor f32_matmul(const at::Tensor& x, const at::Tensor& w) {
   check_x(x);
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1),
-              "w must be float32 [N, K] with contiguous rows");
+  const auto dt = w.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && w.dim() == 2 && w.stride(1) == 1 &&
+              w.size(1) == x.size(1), "w must be float32, float16 or bfloat16 [N, K] with contiguous rows");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  f32_matmul_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(),
-                  w.stride(0), w.size(0), y.data_ptr<float>(), w.size(0));
+  if (dt == at::kFloat)
+    f32_matmul_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(),
+                    w.stride(0), w.size(0), y.data_ptr<float>(), w.size(0));
+  else
+    h16_matmul_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), static_cast<const half_t*>(w.data_ptr()),
+                    w.stride(0), w.size(0), y.data_ptr<float>(), w.size(0), dt == at::kBFloat16);
   return y;
 }
 
@@ -265,7 +313,7 @@ at::Tensor qf32_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 
 void register_matmul(pybind11::module& m) {
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("f32_matmul", &f32_matmul, "x @ W.T, float32, batch-invariant", no_gil());
+  m.def("f32_matmul", &f32_matmul, "x @ W.T, float32 (W float32, float16 or bfloat16), batch-invariant", no_gil());
   m.def("qf32_matmul", &qf32_matmul, "x @ dequantize(W).T, float32 activations, batch-invariant", no_gil());
 }
 

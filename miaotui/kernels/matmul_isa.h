@@ -19,6 +19,9 @@ namespace avx512 {
 // y[t, n] = x[t] . W[n] for all T rows of x and N rows of W, on the calling thread.
 void f32_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
               float* y, int64_t ldy);
+// The same with W float16 or bfloat16 bits (uint16), widened to float32 exactly.
+void h16_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const uint16_t* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy, bool bf16);
 // The same against rows n0..n1 of a quantized W, dequantized inside the tiles.
 void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& w, int64_t n0, int64_t n1,
             float* y, int64_t ldy);

@@ -60,6 +60,10 @@ void f32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const fl
                      int64_t N, float* y, int64_t ldy);
 void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y,
                       int64_t ldy);
+// The same with W float16 or bfloat16 [N, K] rows ldw apart, widened to float32 in the
+// tiles: the bits of f32_matmul_into on W converted to float32.
+void h16_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const half_t* w, int64_t ldw,
+                     int64_t N, float* y, int64_t ldy, bool bf16);
 
 // How many threads the kernels run on.
 int kernel_threads();

@@ -47,7 +47,12 @@ class RowStack:
         return sum(p.nbytes() for p in self.parts)
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 class Linear(nn.Module):
+    keep_16bit = False  # set by build_model: float16 / bfloat16 weights stay 16-bit
+
     def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
         super().__init__()
         self.output_sizes = list(out_features) if isinstance(out_features, (list, tuple)) else [out_features]
@@ -57,6 +62,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         self.qweight = None  # a miaotui.layers.quant.QuantWeight once quantized
         self._raw_parts: dict[int, object] = {}
+        self._loaded: set[int] = set()
 
     def _rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
@@ -66,7 +72,12 @@ class Linear(nn.Module):
         rows = self._rows(shard)
         if tuple(w.shape) != (rows.stop - rows.start, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != {(rows.stop - rows.start, self.in_features)}")
+        if self.keep_16bit and w.dtype in HALF and self.weight.dtype != w.dtype and not self._loaded:
+            self.weight.data = torch.empty(self.weight.shape, dtype=w.dtype)  # the first shard decides
+        elif self.weight.dtype in HALF and w.dtype != self.weight.dtype:   # shards stored differently
+            self.weight.data = self.weight.data.float()
         self.weight.data[rows] = w.to(self.weight.dtype)
+        self._loaded.add(shard)
 
     def load_bias(self, b: torch.Tensor, shard: int = 0) -> None:
         self.bias.data[self._rows(shard)] = b.to(self.bias.dtype)
@@ -103,8 +114,10 @@ class Linear(nn.Module):
             y = self.qweight.matmul(x)
             return y if self.bias is None else y.add_(self.bias)
         k = kernels.load()
-        if k is not None and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu":
-            # batch-invariant: a row's result never depends on the other rows (BLAS's may)
+        if (k is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.weight.dtype in (torch.float32, *HALF)):
+            # batch-invariant: a row's result never depends on the other rows (BLAS's may);
+            # 16-bit weights are widened in the kernel's tiles, with float32 arithmetic
             y = k.f32_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y.add_(self.bias)

@@ -1,7 +1,19 @@
-"""Normalisation layers. Gemma's (1 + w) RMSNorm is folded into w at load time."""
+"""Normalisation layers. Gemma's (1 + w) RMSNorm is folded into w at load time.
+
+With the C++ kernels, float32 rows on CPU go through the fused decode step's own norms
+(kernels/decode_cpu.cpp), so both decode paths give the same bits (see activation.py).
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from miaotui import kernels
+
+
+def _kernels(x: torch.Tensor, w: torch.Tensor):
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.numel() % 8:
+        return None
+    return kernels.load()
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +27,9 @@ class RMSNorm(nn.Module):
         self.weight.data = w.float() + self.weight_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _kernels(x, self.weight)
+        if k is not None:
+            return k.rms_norm(x.contiguous(), self.weight, self.eps)
         # the same four ops as transformers (bit-identical); F.rms_norm cost ~50 us a call here
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
@@ -27,4 +42,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = _kernels(x, self.weight)
+        if k is not None and self.bias.dtype == torch.float32:
+            return k.layer_norm(x.contiguous(), self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

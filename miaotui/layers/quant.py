@@ -124,8 +124,11 @@ class QuantWeight:
         return w.view(rows, self.padded_in)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight as float32 [out_features, in_features]."""
-        w = self._dequant_rows(0, self.out_features)
+        """The weight as float32 [out_features, in_features] (the C++ kernel gives the same
+        bits ~10x faster: a GGUF embedding table is dequantized at every load)."""
+        k = kernels.load()
+        w = (self._dequant_rows(0, self.out_features) if k is None
+             else k.dequant(*self._kernel_args(), 0, self.out_features))
         return w if self.padded_in == self.in_features else w[:, :self.in_features].contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,13 +409,14 @@ def from_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> QuantWeight:
     return _repack(_gguf().GGMLQuantizationType(qtype), blk, n, k)
 
 
-def dequantize_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> torch.Tensor:
-    """A GGUF tensor as float32 [out, in], bit-exact with gguf.quants.dequantize."""
+def dequantize_gguf(data: np.ndarray, qtype, shape: tuple[int, int], keep_16bit: bool = False) -> torch.Tensor:
+    """A GGUF tensor as float32 [out, in], bit-exact with gguf.quants.dequantize; F16 and
+    BF16 tensors stay 16-bit with `keep_16bit` (a copy either way)."""
     T = _gguf().GGMLQuantizationType
     qt = T(qtype)
     n, k = (int(s) for s in shape)
     if qt in (T.F32, T.F16, T.BF16):
         dt = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[qt]
         blk, _, _ = _raw_blocks(data, qt, shape)
-        return blk.reshape(-1).view(dt).view(n, k).to(torch.float32, copy=True)
+        return blk.reshape(-1).view(dt).view(n, k).to(dt if keep_16bit else torch.float32, copy=True)
     return from_gguf(data, qt, shape).dequantize()

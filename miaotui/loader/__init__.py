@@ -72,12 +72,13 @@ def load_tokenizer(ckpt, chat_template: str | None = None):
 
 
 def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | None = None,
-                group_size: int = 32, progress: bool = False):
+                group_size: int = 32, progress: bool = False, keep_16bit: bool = False):
     """Instantiate the architecture and load weights.
 
     quantization: None keeps a checkpoint as stored (GGUF tensors stay quantized when the
     quantized kernels are available); "none" dequantizes GGUF to `dtype`; "int8"/"int4"
-    quantize linear weights at load.
+    quantize linear weights at load. keep_16bit (dtype "auto"): float16 / bfloat16 weights and
+    embedding tables stay 16-bit in memory (computed in float32, widened on the fly).
     """
     from miaotui.models import get_model_class
     cfg: ModelConfig = ckpt.config
@@ -89,6 +90,12 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
         return model.eval()
     if qcfg:
         raise MiaotuiError(f"unsupported quantization_config {qcfg.get('quant_method')!r}")
+    if keep_16bit and dtype == torch.float32:
+        from miaotui.layers.linear import Linear
+        model.keep_16bit = True
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.keep_16bit = True
     keep_gguf = hasattr(ckpt, "raw_tensors") and quantization is None
     weights = ckpt.raw_tensors() if keep_gguf else ckpt.tensors()
     t0 = time.perf_counter()

@@ -34,9 +34,18 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.local_rotary = self._rotary(cfg.rope_local_theta or 10000.0, None)
         self.normalizer = cfg.hidden_size ** 0.5
 
+    def input_embeddings(self, input_ids, positions):
+        return self.embed(input_ids) * torch.tensor(self.normalizer, dtype=torch.float32)
+
+    def rope_tables(self, positions):
+        return [self.rotary.lookup(positions), self.local_rotary.lookup(positions)]
+
+    def layer_rope(self, layer: int) -> int:
+        return 1 if self.layers[layer].sliding else 0
+
     def forward(self, input_ids, positions, meta):
-        x = self.embed(input_ids) * torch.tensor(self.normalizer, dtype=self.embed_tokens.dtype)
-        ropes = (self.rotary.lookup(positions), self.local_rotary.lookup(positions))
+        x = self.input_embeddings(input_ids, positions)
+        ropes = self.rope_tables(positions)
         for layer in self.layers:
             x = layer(x, ropes, meta)
         return self.norm(x)

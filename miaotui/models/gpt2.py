@@ -13,7 +13,7 @@ from miaotui.layers.activation import get_activation
 from miaotui.layers.attention import Attention
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import LayerNorm
-from miaotui.models.llama import _dense, load_linear
+from miaotui.models.llama import _dense, embedding_table, load_linear
 
 
 class GPT2Block(nn.Module):
@@ -37,6 +37,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
+    keep_16bit = False  # set by build_model: 16-bit checkpoint tensors stay 16-bit
     # HF GPT-2 stores Conv1D weights as [in, out]: transposed at load
     names = {"attn.c_attn": "c_attn", "attn.c_proj": "c_proj", "mlp.c_fc": "c_fc",
              "mlp.c_proj": "mlp_proj", "ln_1": "ln_1", "ln_2": "ln_2"}
@@ -50,8 +51,11 @@ class GPT2LMHeadModel(nn.Module):
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
+    def input_embeddings(self, input_ids, positions):
+        return F.embedding(input_ids, self.wte).float() + F.embedding(positions, self.wpe).float()
+
     def forward(self, input_ids, positions, meta):
-        x = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
+        x = self.input_embeddings(input_ids, positions)
         for block in self.h:
             x = block(x, meta)
         return self.ln_f(x)
@@ -69,7 +73,7 @@ class GPT2LMHeadModel(nn.Module):
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
             if name in ("wte.weight", "wpe.weight"):
-                getattr(self, name[:3]).data = _dense(w).float()
+                getattr(self, name[:3]).data = embedding_table(w, self.keep_16bit)
             elif name == "lm_head.weight":
                 lm_head_seen = True
                 load_linear(self.lm_head, w)

@@ -25,20 +25,32 @@ def load_linear(layer: Linear, w, shard: int = 0, is_bias: bool = False) -> None
     """Load a dense tensor, or keep a GGUF-quantized one quantized."""
     if is_bias:
         layer.load_bias(_dense(w), shard)
-    elif hasattr(w, "qtype") and getattr(w.qtype, "name", "") not in ("F32", "F16", "BF16"):
+    elif hasattr(w, "qtype") and not _is_dense(w):
         layer.load_raw(w, shard)
     else:
-        layer.load(_dense(w), shard)
+        layer.load(_dense(w, layer.keep_16bit), shard)
 
 
-def _dense(w) -> torch.Tensor:
-    """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape)."""
+def _is_dense(w) -> bool:
+    return getattr(w.qtype, "name", "") in ("F32", "F16", "BF16")
+
+
+def _dense(w, keep_16bit: bool = False) -> torch.Tensor:
+    """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape): float32,
+    or float16 / bfloat16 as stored with `keep_16bit`."""
     if isinstance(w, torch.Tensor):
         return w
-    if w.qtype.name in ("F32", "F16"):
+    if w.qtype.name == "F32" or (w.qtype.name == "F16" and not keep_16bit):
         return torch.from_numpy(np.array(w.data, dtype=np.float32)).reshape(w.shape)  # a writable copy
     from miaotui.layers.quant import dequantize_gguf
-    return dequantize_gguf(w.data, w.qtype, w.shape)
+    return dequantize_gguf(w.data, w.qtype, w.shape, keep_16bit=keep_16bit)
+
+
+def embedding_table(w, keep_16bit: bool) -> torch.Tensor:
+    """An embedding table: float32, or float16 / bfloat16 as stored with `keep_16bit` (rows
+    are widened when looked up)."""
+    t = _dense(w, keep_16bit)
+    return t if keep_16bit and t.dtype in (torch.float16, torch.bfloat16) else t.float()
 
 
 class LlamaAttention(nn.Module):
@@ -93,6 +105,7 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
+    keep_16bit = False  # set by build_model: 16-bit checkpoint tensors stay 16-bit
     # checkpoint name -> (module path relative to a layer, shard)
     stacked = {
         "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
@@ -113,10 +126,21 @@ class LlamaForCausalLM(nn.Module):
         return RotaryEmbedding(self.cfg.head_dim, self.cfg.max_position_embeddings, theta, scaling)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens)
+        return F.embedding(input_ids, self.embed_tokens).float()
+
+    def input_embeddings(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the first layer takes (the fused decode step starts from it too)."""
+        return self.embed(input_ids)
+
+    def rope_tables(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) per rotary table, [T, 1, head_dim / 2] each; layer_rope(i) picks one."""
+        return [self.rotary.lookup(positions)]
+
+    def layer_rope(self, layer: int) -> int:
+        return 0
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
-        x = self.embed(input_ids)
+        x = self.input_embeddings(input_ids, positions)
         rope = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer(x, rope, meta)
@@ -137,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             if name == "embed_tokens.weight":
-                self.embed_tokens.data = _dense(w).float()
+                self.embed_tokens.data = embedding_table(w, self.keep_16bit)
                 embed_raw = None if isinstance(w, torch.Tensor) else w
             elif name == "lm_head.weight":
                 lm_head_seen = True
@@ -150,8 +174,8 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"unexpected weight {name}")
                 layer = self.layers[int(m.group(1))]
                 self._load_layer_weight(layer, m.group(2), m.group(3), w)
-        if not lm_head_seen and embed_raw is not None:  # tied, GGUF: the head reads the quantized copy
-            load_linear(self.lm_head, embed_raw)
+        if not lm_head_seen and embed_raw is not None and not _is_dense(embed_raw):
+            load_linear(self.lm_head, embed_raw)  # tied, GGUF: the head reads the quantized copy
         elif not lm_head_seen:  # tied embeddings
             self.lm_head.weight.data = self.embed_tokens.data
         for layer in self.modules():
