@@ -16,6 +16,7 @@ import torch
 from miaotui.layers.attention import KVCache
 from miaotui.layers.linear import Linear, RowStack
 from miaotui.layers.quant import QuantWeight
+from miaotui.layers.sparse import Sparse24Weight
 
 
 def enabled() -> bool:
@@ -74,6 +75,9 @@ def _add_linear(impl, layer: int, which: int, lin: Linear) -> bool:
         if lin.weight.dtype != torch.float32:
             return False
         impl.add_dense(layer, which, 0, lin.weight.data.contiguous())
+        return True
+    if isinstance(lin.qweight, Sparse24Weight):
+        impl.add_sparse24(layer, which, 0, *lin.qweight._kernel_args())
         return True
     parts = lin.qweight.parts if isinstance(lin.qweight, RowStack) else [lin.qweight]
     out0 = 0
