@@ -20,19 +20,21 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "quant_cpu.h"
 
 namespace miaotui {
 namespace {
 
-// Lane i of the result: bits 2i..2i+1 of the 16 bits at p, plus 4 for lanes 2, 3, 6, 7
-// (the second group of each pair of groups sits in the upper half of an 8-input vector).
-inline __m256i positions16(const uint8_t* p) {
-  const int bits = p[0] | (p[1] << 8);
-  __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(bits), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
-  v = _mm256_and_si256(v, _mm256_set1_epi32(3));
-  return _mm256_add_epi32(v, _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4));
+constexpr int kShift[2][8] = {{0, 2, 4, 6, 8, 10, 12, 14}, {16, 18, 20, 22, 24, 26, 28, 30}};
+
+// Lane i: bits s + 2i..s + 2i + 1 of `bits` (s = 0 or 16: a 16-input step's positions),
+// plus 4 for lanes 2, 3, 6, 7 (the second group of each pair sits in the upper half of
+// an 8-input vector).
+inline __m256i positions(__m256i bits, int half) {
+  const __m256i v = _mm256_srlv_epi32(bits, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kShift[half])));
+  return _mm256_add_epi32(_mm256_and_si256(v, _mm256_set1_epi32(3)), _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4));
 }
 
 // The eight activations the kept values of inputs x[0..16) multiply.
@@ -42,23 +44,36 @@ inline __m256 gather16(const float* x, __m256i pos) {
   return _mm256_blend_ps(lo, hi, 0xF0);
 }
 
-// Rows t0..t0+TB of x against output n.
+// Rows 0..TB of x against output n: 16-input steps alternate between two accumulators
+// (even steps: a0, odd: a1), 32 inputs (4 position bytes) per iteration.
 template <typename V, int TB>
 inline void tile(const float* x, int64_t ldx, const Sparse24& w, int64_t n, float* y, int64_t ldy) {
   const int64_t steps = w.K / 16;
   const V* v = static_cast<const V*>(w.vals) + n * (w.K / 2);
   const uint8_t* ib = w.idx + n * (w.K / 8);
-  __m256 acc[TB][2];
-  for (int u = 0; u < TB; ++u) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < steps; ++j) {
-    const __m256i pos = positions16(ib + 2 * j);
-    const __m256 wv = load8(v + 8 * j);
-    for (int u = 0; u < TB; ++u)
-      acc[u][j & 1] = _mm256_fmadd_ps(wv, gather16(x + u * ldx + 16 * j, pos), acc[u][j & 1]);
+  __m256 a0[TB], a1[TB];
+  for (int u = 0; u < TB; ++u) a0[u] = a1[u] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= steps; j += 2) {
+    int32_t raw;
+    std::memcpy(&raw, ib + 2 * j, 4);
+    const __m256i bits = _mm256_set1_epi32(raw);
+    const __m256i p0 = positions(bits, 0), p1 = positions(bits, 1);
+    const __m256 w0 = load8(v + 8 * j), w1 = load8(v + 8 * j + 8);
+    for (int u = 0; u < TB; ++u) {
+      const float* xu = x + u * ldx + 16 * j;
+      a0[u] = _mm256_fmadd_ps(w0, gather16(xu, p0), a0[u]);
+      a1[u] = _mm256_fmadd_ps(w1, gather16(xu + 16, p1), a1[u]);
+    }
+  }
+  if (j < steps) {  // an even last step: a0
+    const __m256i p0 = positions(_mm256_set1_epi32(ib[2 * j] | (ib[2 * j + 1] << 8)), 0);
+    const __m256 w0 = load8(v + 8 * j);
+    for (int u = 0; u < TB; ++u) a0[u] = _mm256_fmadd_ps(w0, gather16(x + u * ldx + 16 * j, p0), a0[u]);
   }
   const float s = w.scale ? w.scale[n] : 1.0f;
   for (int u = 0; u < TB; ++u) {
-    const float dot = hsum(_mm256_add_ps(acc[u][0], acc[u][1]));
+    const float dot = hsum(_mm256_add_ps(a0[u], a1[u]));
     y[u * ldy + n] = w.scale ? dot * s : dot;
   }
 }

@@ -9,9 +9,10 @@ A weight with at most 2 nonzeros in every 4 consecutive inputs of a row (what
                      byte b holds groups 2b (low nibble) and 2b + 1 (high nibble)
 
 so a matmul reads 2.125 bytes per weight instead of 4 (float32), 0.625 instead of 1 (int8).
-``matmul`` runs kernels/sparse_cpu.cpp (AVX2, batch-invariant, float32 activations for
-prompt and decode tokens alike), or without kernels the dequantized weight through
-PyTorch. The fused decode step (engine/cpu_decoder.py) takes these weights too.
+``matmul`` runs kernels/sparse_cpu.cpp for generated tokens (AVX2, batch-invariant,
+float32 activations); prompt tokens (``quant.exact_activations()``, many rows at a time)
+expand the weight and take the dense batch-invariant kernel; without kernels the expanded
+weight goes through PyTorch. The fused decode step (engine/cpu_decoder.py) takes these weights too.
 
 Models loaded from a checkpoint whose config.json says ``"pruning": {"pattern": "2:4"}``
 get such weights for every eligible layer (``MIAOTUI_SPARSE=0`` keeps them dense).
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from miaotui import kernels
+from miaotui.layers import quant
 
 
 def enabled() -> bool:
@@ -95,7 +97,14 @@ class Sparse24Weight:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float().contiguous()
         k = kernels.load()
-        y = k.sparse24_matmul(x, *self._kernel_args()) if k is not None else F.linear(x, self.dequantize())
+        if k is None:
+            y = F.linear(x, self.dequantize())
+        elif getattr(quant._mode, "exact", False):
+            # prompt tokens: many rows, where re-reading the compressed rows per tile of x
+            # costs more than expanding them once; the dense kernel is batch-invariant too
+            y = k.f32_matmul(x, self.dequantize())
+        else:
+            y = k.sparse24_matmul(x, *self._kernel_args())
         return y.view(*lead, self.out_features)
 
 
