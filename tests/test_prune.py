@@ -147,3 +147,25 @@ def test_cli_bad_arguments(tiny4, tmp_path, capsys, args, msg):
     assert main(["prune", tiny4, str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_prune_gguf_dequantizes_and_saves_hf(tmp_path, capsys, family):
+    """A GGUF model is dequantized (and says so); the output is an HF directory with a
+    config.json and tokenizer that transformers and miaotui load, giving the same logits."""
+    from gguf_writer_util import write_gguf_from_hf
+    extra = {} if family == "llama" else dict(   # llama.cpp's gemma3 layout: a pattern of 6
+        num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    ref = make_tiny_model(family, str(tmp_path / "hf"), vocab_size=400, **extra)
+    gguf_path = write_gguf_from_hf(ref, str(tmp_path / "m.gguf"), "Q8_0")
+    out = str(tmp_path / "pruned")
+    assert main(["prune", gguf_path, out, "--method", "layers", "--sparsity", "0.34",
+                 "--calib", DATA, "--calib-tokens", "256"]) == 0
+    assert "dequantizing" in capsys.readouterr().err
+    theirs = hf_model(out)
+    n = ref.config.num_hidden_layers
+    assert theirs.config.num_hidden_layers == n - round(0.34 * n)
+    llm = LLM(out, kv_cache_memory=8 << 20)
+    assert (engine_logits(llm, PROMPT) - hf_logits(theirs, PROMPT)).abs().max() < 1e-4
+    gguf_llm = LLM(gguf_path, kv_cache_memory=8 << 20)   # the tokenizer came along
+    assert llm.tokenizer.encode("To be, or not") == gguf_llm.tokenizer.encode("To be, or not")

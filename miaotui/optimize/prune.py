@@ -209,6 +209,10 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def _int_if_whole(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def hf_config_of(cfg) -> dict:
     """A transformers config.json for a model read from GGUF (Llama family, Gemma 3)."""
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -224,7 +228,7 @@ def hf_config_of(cfg) -> dict:
         return dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], **common,
                     hidden_activation=cfg.hidden_act, sliding_window=cfg.sliding_window,
                     layer_types=list(cfg.layer_types), rope_local_base_freq=cfg.rope_local_theta,
-                    query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                    query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
                     final_logit_softcapping=cfg.final_logit_softcapping,
                     attn_logit_softcapping=cfg.attn_logit_softcapping)
     if cfg.family != "llama" or cfg.qk_norm or cfg.qkv_bias != cfg.o_bias or cfg.layer_types:

