@@ -2,6 +2,7 @@
 each pruned variant against the dense model, in the same run, on the real models.
 
     python scripts/prune_table.py --out results/prune_table.json
+    python scripts/prune_table.py --kernel-only --out results/prune_kernel.json
 
 Per model (SmolLM2-135M: the default Q4_1 GGUF; Gemma-3-270M Q4_K_M), dequantized to
 float32 first as `miaotui prune` does: magnitude / Wanda / SparseGPT at 50% unstructured
@@ -9,7 +10,9 @@ and at 2:4, layer drop of 10% and 20% of the blocks, MLP width -25%, and SparseG
 int8 values (against the dense model quantized to int8). Calibration uses the second half
 of --text (its characters), perplexity the first --tokens tokens of the first half, so the
 two never overlap. Decode speed: rounds of one greedy request per variant (prompt 32,
---gen tokens), variants alternating within a round, the median over --rounds rounds.
+--gen tokens) of the variant and of its baseline (loaded side by side) in turn, --rounds
+times; speedup = the median of the per-round ratios (the machine may be shared: pairing
+keeps both sides under the same load).
 2:4 variants run on the compressed weights and sparse kernels (layers/sparse.py); the 50%
 unstructured ones run dense (no runtime format for unstructured sparsity).
 """
@@ -68,6 +71,12 @@ def weight_bytes(model) -> tuple[int, int]:
     return params, read
 
 
+def make_llm(path: str, load: dict):
+    from miaotui import LLM
+    return LLM(path, enable_prefix_caching=False, kv_cache_memory=64 << 20,
+               max_num_batched_tokens=2048, max_num_seqs=4, **load)
+
+
 def decode_tok_s(llm, gen: int, seed: int) -> float:
     from miaotui.bench.latency import time_request
     import random
@@ -77,21 +86,61 @@ def decode_tok_s(llm, gen: int, seed: int) -> float:
     return 1.0 / r["tpot"]
 
 
+def kernel_bench(rounds: int = 7, layers: int = 8) -> dict:
+    """The matmuls alone at batch 1 on SmolLM2's gate/up shape [3072, 576], `layers` copies
+    (out of cache, as in a decode step): dense float32 vs 2:4 float32, dense int8 vs 2:4 int8,
+    alternating, medians of `rounds` (microseconds per matrix)."""
+    import torch
+    from miaotui import kernels
+    from miaotui.layers.quant import quantize_int8
+    from miaotui.layers.sparse import Sparse24Weight
+    from miaotui.optimize.prune import magnitude_prune
+    k = kernels.load()
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(3072, 576, generator=g) for _ in range(layers)]
+    kinds = {
+        "dense-fp32": [lambda x, w=w: k.f32_matmul(x, w) for w in ws],
+        "2:4-fp32": [Sparse24Weight.from_dense(magnitude_prune(w, pattern=(2, 4))).matmul for w in ws],
+        "dense-int8": [quantize_int8(w).matmul for w in ws],
+        "2:4-int8": [Sparse24Weight.from_dense(magnitude_prune(w, pattern=(2, 4)), True).matmul for w in ws],
+    }
+    x = torch.randn(1, 576, generator=g)
+    times = {n: [] for n in kinds}
+    for _ in range(rounds):
+        for name, fs in kinds.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                for f in fs:
+                    f(x)
+            times[name].append((time.perf_counter() - t0) / (10 * layers) * 1e6)
+    us = {n: round(statistics.median(t), 1) for n, t in times.items()}
+    return {"shape": [3072, 576], "threads": torch.get_num_threads(), "us_per_matrix": us,
+            "speedup_fp32": round(us["dense-fp32"] / us["2:4-fp32"], 3),
+            "speedup_int8": round(us["dense-int8"] / us["2:4-int8"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=os.path.join(ROOT, "tests", "data", "shakespeare_40k.txt"))
     ap.add_argument("--tokens", type=int, default=2048, help="scored tokens")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--gen", type=int, default=48, help="tokens generated per decode timing")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=16, help="tokens generated per decode timing")
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "miaotui_prune_table"),
                     help="where pruned checkpoints go (reused when present)")
     ap.add_argument("--out", default="results/prune_table.json")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="only time the matmuls (kernel_bench) and write that to --out")
     args = ap.parse_args()
-    from miaotui import LLM
+    if args.kernel_only:
+        res = kernel_bench()
+        print(json.dumps(res))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        return
     from miaotui.bench.perplexity import perplexity
     from miaotui.optimize.prune import prune_model_dir
     text = open(args.text, encoding="utf-8").read()
@@ -120,35 +169,52 @@ def main() -> None:
                 prune_model_dir(src, out, calib=calib, calib_tokens=args.calib_tokens, progress=False, **spec)
                 print(f"{model} {name}: pruned in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             paths[name] = out
-        speeds = {n: [] for n in names}
-        for r in range(args.rounds):
-            for name in names:
-                spec, load, base = VARIANTS[name]
-                llm = LLM(paths[name], enable_prefix_caching=False, kv_cache_memory=256 << 20,
-                          max_num_batched_tokens=2048, max_num_seqs=8, **load)
-                if r == 0:
-                    ids = llm.tokenizer.encode(text[:half])[: args.tokens]
-                    ppl = perplexity(llm.engine, ids, args.window, args.window)["perplexity"]
-                    params, read = weight_bytes(llm.engine.model)
-                    rows[name] = dict(model=model, variant=name, perplexity=round(ppl, 3), params=params,
-                                      decode_bytes=read, baseline=base,
-                                      sparse_kernels=any(type(getattr(m, "qweight", None)).__name__ == "Sparse24Weight"
-                                                         for m in llm.engine.model.modules()),
-                                      fused_decode=llm.engine.runner.decoder is not None)
-                    decode_tok_s(llm, 8, seed=99)   # warm-up
-                speeds[name].append(decode_tok_s(llm, args.gen, seed=r))
-                print(f"{model} {name} round {r}: ppl {rows[name]['perplexity']}, "
-                      f"{speeds[name][-1]:.1f} tok/s", file=sys.stderr)
-                del llm
-                gc.collect()
+        for name in names:   # quality, once (deterministic), cached beside the checkpoints
+            spec, load, base = VARIANTS[name]
+            cache = os.path.join(args.work, f"{model}-{name.replace(':', '_')}-{args.tokens}-{args.window}.json")
+            if os.path.isfile(cache):
+                rows[name] = json.load(open(cache))
+                continue
+            llm = make_llm(paths[name], load)
+            ids = llm.tokenizer.encode(text[:half])[: args.tokens]
+            ppl = perplexity(llm.engine, ids, args.window, args.window)["perplexity"]
+            params, read = weight_bytes(llm.engine.model)
+            rows[name] = dict(model=model, variant=name, perplexity=round(ppl, 3), params=params,
+                              decode_bytes=read, baseline=base,
+                              sparse_kernels=any(type(getattr(m, "qweight", None)).__name__ == "Sparse24Weight"
+                                                 for m in llm.engine.model.modules()),
+                              fused_decode=llm.engine.runner.decoder is not None)
+            json.dump(rows[name], open(cache, "w"))
+            print(f"{model} {name}: perplexity {ppl:.3f}", file=sys.stderr)
+            del llm
+            gc.collect()
+        for name in names:   # speed: each variant beside its baseline, alternating
+            base = VARIANTS[name][2]
+            if base is None or base not in names:
+                continue
+            a, b = make_llm(paths[base], VARIANTS[base][1]), make_llm(paths[name], VARIANTS[name][1])
+            decode_tok_s(a, 4, seed=99), decode_tok_s(b, 4, seed=99)   # warm-up
+            ta, tb = [], []
+            for r in range(args.rounds):
+                ta.append(decode_tok_s(a, args.gen, seed=r))
+                tb.append(decode_tok_s(b, args.gen, seed=r))
+            ratios = sorted(y / x for x, y in zip(ta, tb))
+            rows[name].update(decode_tok_s=round(statistics.median(tb), 2),
+                              baseline_tok_s=round(statistics.median(ta), 2),
+                              speedup=round(statistics.median(ratios), 3),
+                              speedup_range=[round(ratios[0], 3), round(ratios[-1], 3)])
+            rows[base].setdefault("decode_tok_s_runs", []).append(round(statistics.median(ta), 2))
+            print(f"{model} {name}: {rows[name]['decode_tok_s']} tok/s vs {base} "
+                  f"{rows[name]['baseline_tok_s']}: {rows[name]['speedup']}x", file=sys.stderr)
+            del a, b
+            gc.collect()
         for name in names:
             row = rows[name]
-            row["decode_tok_s"] = round(statistics.median(speeds[name]), 2)
-            row["decode_tok_s_samples"] = [round(s, 2) for s in speeds[name]]
+            if "decode_tok_s_runs" in row:
+                row["decode_tok_s"] = round(statistics.median(row["decode_tok_s_runs"]), 2)
             base = rows.get(row["baseline"] or name)
             if base is not None:
                 row["ppl_vs_baseline_pct"] = round(100 * (row["perplexity"] / base["perplexity"] - 1), 1)
-                row["speedup"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
                 row["bytes_ratio"] = round(base["decode_bytes"] / row["decode_bytes"], 3)
             result["rows"].append(row)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -157,7 +223,7 @@ def main() -> None:
     print(f"{'model':14} {'variant':20} {'ppl':>8} {'d ppl':>7} {'tok/s':>7} {'speedup':>7} {'bytes':>6}")
     for row in result["rows"]:
         print(f"{row['model']:14} {row['variant']:20} {row['perplexity']:8.2f} "
-              f"{row.get('ppl_vs_baseline_pct', 0):+6.1f}% {row['decode_tok_s']:7.1f} "
+              f"{row.get('ppl_vs_baseline_pct', 0):+6.1f}% {row.get('decode_tok_s', 0):7.1f} "
               f"{row.get('speedup', 1):7.2f}x {row.get('bytes_ratio', 1):5.2f}x")
 
 

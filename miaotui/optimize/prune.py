@@ -221,6 +221,7 @@ def hf_config_of(cfg) -> dict:
                   head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
                   rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                   tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+                  pad_token_id=cfg.pad_token_id,
                   eos_token_id=cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else cfg.eos_token_ids)
     if cfg.rope_scaling:
         common["rope_scaling"] = cfg.rope_scaling
