@@ -58,15 +58,17 @@ def model_paths() -> dict[str, str]:
 
 
 def weight_bytes(model) -> tuple[int, int]:
-    """(parameters, bytes a decode step reads: every linear weight incl. the head) ."""
+    """(parameters, bytes a decode step reads: every linear weight incl. the head)."""
     from miaotui.layers.linear import Linear
-    params = sum(p.numel() for p in model.parameters())
+    seen = {p.data_ptr(): p.numel() for p in model.parameters()}   # a tied head counts once
+    params = sum(seen.values())
     read = 0
     for m in model.modules():
         if isinstance(m, Linear):
             if m.qweight is not None:
                 read += m.qweight.nbytes()
-                params += m.qweight.out_features * m.qweight.in_features
+                if m is not model.lm_head or not model.cfg.tie_word_embeddings:
+                    params += m.qweight.out_features * m.qweight.in_features
             else:
                 read += m.weight.numel() * m.weight.element_size()
     return params, read
