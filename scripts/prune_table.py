@@ -157,6 +157,10 @@ def main() -> None:
     global THREADS
     THREADS = args.threads
     if args.kernel_only:
+        import torch
+        from miaotui import kernels
+        torch.set_num_threads(args.threads)
+        kernels.load().set_threads(args.threads)
         res = kernel_bench()
         print(json.dumps(res))
         with open(args.out, "w") as f:
