@@ -98,7 +98,7 @@ def test_structured_checkpoint_matches_transformers(tiny4, tmp_path, method, kwa
     assert n_params < sum(p.numel() for p in hf_model(tiny4).parameters())
 
 
-def test_layer_drop_removes_least_important(tiny4, tmp_path, capsys):
+def test_layer_drop_removes_least_important(tiny4, tmp_path):
     from miaotui.engine.llm_engine import EngineConfig, LLMEngine
     from miaotui.optimize.prune import layer_importance
     eng = LLMEngine(EngineConfig(model=tiny4, quantization="none", enable_prefix_caching=False,
