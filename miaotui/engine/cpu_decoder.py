@@ -19,6 +19,7 @@ import torch
 from miaotui.layers.attention import KVCache
 from miaotui.layers.linear import Linear, RowStack
 from miaotui.layers.quant import QuantWeight
+from miaotui.layers.sparse import Sparse24Weight
 
 # the model's hidden_act -> the C++ step's activation
 ACTS = {"silu": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -116,6 +117,9 @@ def _add_linear(impl, layer: int, which: int, lin: Linear) -> bool:
         if lin.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return False
         impl.add_dense(layer, which, 0, lin.weight.data.contiguous())
+        return True
+    if isinstance(lin.qweight, Sparse24Weight):
+        impl.add_sparse24(layer, which, 0, *lin.qweight._kernel_args())
         return True
     parts = lin.qweight.parts if isinstance(lin.qweight, RowStack) else [lin.qweight]
     out0 = 0

@@ -368,7 +368,8 @@ struct PagedAttention {
 // tiles: the same arithmetic as float32 weights holding the same values).
 struct Part {
   int64_t out0, n, k;
-  std::optional<Weights> quant;  // else dense [n, k]
+  std::optional<Weights> quant;    // else dense [n, k] (unless sparse)
+  std::optional<Sparse24> sparse;  // 2:4 sparse (sparse_cpu.cpp)
   at::Tensor dense;
   std::vector<at::Tensor> keep;  // the tensors `quant` points into
 };
@@ -382,6 +383,7 @@ struct Linear {
   void run(const float* x, int64_t T, float* y) const {
     for (const Part& p : parts) {
       if (p.quant) qmatmul_into(x, T, *p.quant, y + p.out0, N);
+      else if (p.sparse) sparse24_matmul_into(x, p.k, T, *p.sparse, y + p.out0, N);
       else if (p.dense.scalar_type() == at::kFloat)
         f32_matmul_into(x, p.k, T, p.k, p.dense.data_ptr<float>(), p.k, p.n, y + p.out0, N);
       else
@@ -486,6 +488,16 @@ class DecodeModel {
     p.quant = describe(q, scale, min, block, bits, offset);
     p.out0 = out0, p.n = p.quant->N, p.k = p.quant->K;
     p.keep = {q, scale, min};
+    add_part(layer, which, std::move(p));
+  }
+
+  void add_sparse24(int64_t layer, int64_t which, int64_t out0, const at::Tensor& vals, const at::Tensor& idx,
+                    const std::optional<at::Tensor>& scale) {
+    Part p;
+    p.sparse = describe_sparse24(vals, idx, scale);
+    p.out0 = out0, p.n = p.sparse->N, p.k = p.sparse->K;
+    p.keep = {vals, idx};
+    if (scale) p.keep.push_back(*scale);
     add_part(layer, which, std::move(p));
   }
 
@@ -810,6 +822,7 @@ void register_decode(pybind11::module& m) {
       .def("set_attention", &DecodeModel::set_attention)
       .def("add_quant", &DecodeModel::add_quant)
       .def("add_dense", &DecodeModel::add_dense)
+      .def("add_sparse24", &DecodeModel::add_sparse24)
       .def("set_bias", &DecodeModel::set_bias)
       .def("set_head", &DecodeModel::set_head)
       .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)

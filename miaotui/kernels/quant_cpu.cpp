@@ -654,4 +654,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());
   register_decode(m);
   register_matmul(m);
+  register_sparse(m);
 }

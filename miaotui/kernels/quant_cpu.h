@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 
 namespace miaotui {
 
@@ -65,6 +66,21 @@ void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const W
 void h16_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const half_t* w, int64_t ldw,
                      int64_t N, float* y, int64_t ldy, bool bf16);
 
+// A 2:4-sparse [N, K] weight: kept values (float32, or int8 times scale[n]) and their 2-bit
+// positions (layout: sparse_cpu.cpp's header comment).
+struct Sparse24 {
+  const void* vals;
+  const uint8_t* idx;
+  const float* scale;  // int8 values only
+  int64_t N, K;
+  bool int8;
+};
+
+Sparse24 describe_sparse24(const at::Tensor& vals, const at::Tensor& idx, const std::optional<at::Tensor>& scale);
+
+// y[t, n] (rows ldy apart) = x[t] . W[n] in float32, x [T, K] rows ldx apart; batch-invariant.
+void sparse24_matmul_into(const float* x, int64_t ldx, int64_t T, const Sparse24& w, float* y, int64_t ldy);
+
 // How many threads the kernels run on.
 int kernel_threads();
 
@@ -73,5 +89,6 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 
 void register_decode(pybind11::module& m);
 void register_matmul(pybind11::module& m);
+void register_sparse(pybind11::module& m);
 
 }  // namespace miaotui

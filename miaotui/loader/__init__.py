@@ -104,6 +104,11 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
         for m in model.modules():
             if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and getattr(m, "qweight", None) is None:
                 m.weight.data = m.weight.data.to(dtype)
+    pruning = getattr(ckpt, "hf_config", {}).get("pruning") or {}
+    if pruning.get("pattern") == "2:4" and quantization in (None, "none", "int8"):
+        from miaotui.layers import sparse   # 2:4 weights stored compressed (layers/sparse.py)
+        if sparse.enabled():
+            sparse.sparsify(model, int8=quantization == "int8")
     if quantization in ("int8", "int4"):
         from miaotui.layers.linear import Linear
         for m in model.modules():
