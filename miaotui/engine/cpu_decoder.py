@@ -35,7 +35,7 @@ class CPUDecoder:
         k = kernels.load()
         cfg = model.cfg
         if (k is None or not enabled() or type(model) is not LlamaForCausalLM or cfg.hidden_act != "silu"
-                or model.embed_tokens.device.type != "cpu"):
+                or model.embed_tokens.device.type != "cpu" or getattr(model, "tp", None) is not None):
             return None
         attn0 = model.layers[0].self_attn
         impl = k.DecodeModel(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,

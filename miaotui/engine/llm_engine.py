@@ -52,6 +52,12 @@ class EngineConfig:
     num_threads: int | None = None
     progress: bool = False
     chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
+    # tensor parallel (miaotui/distributed): ranks that split the model; under torchrun, its
+    # world size. Spawned workers meet rank 0 at dist_addr:dist_port (default: a free local port)
+    tensor_parallel_size: int = 1
+    dist_addr: str | None = None
+    dist_port: int | None = None
+    dist_timeout: float = 60.0           # seconds to wait for every rank at start-up
 
 
 @dataclass
@@ -108,7 +114,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from miaotui.loader import build_model, load_tokenizer, open_checkpoint
         self.config = config
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.tp = None
+        if config.tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from miaotui.distributed.worker import TPDriver
+            self.tp = TPDriver(config)   # workers started, the group joined, the config sent
+        ranks = self.tp.group.size if self.tp else 1
+        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // ranks))
         if config.dtype not in DTYPES:
             raise MiaotuiError(f"unknown dtype {config.dtype!r} (choose from {', '.join(DTYPES)})")
         if config.kv_cache_dtype not in KV_DTYPES:
@@ -121,7 +132,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(ckpt, config.chat_template)
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
-        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress)
+        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
+                                 tp=self.tp.group if self.tp else None)
         del ckpt   # unmap the checkpoint file before the KV pool is allocated: a lower peak
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  cfg.max_position_embeddings)
@@ -136,6 +148,8 @@ class LLMEngine:
                                    config.max_decode_delay)
         self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
                                   dtype=dtype)
+        if self.tp:   # the workers build their runners; each step goes to them first
+            self.runner = self.tp.start(self.runner, num_blocks, kv_dtype, dtype)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "steps": 0}

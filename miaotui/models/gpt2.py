@@ -51,10 +51,13 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     def forward(self, input_ids, positions, meta):
-        x = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe)
+        x = self.embed(input_ids) + F.embedding(positions, self.wpe)
         for block in self.h:
             x = block(x, meta)
         return self.ln_f(x)
+
+    def embed(self, input_ids):
+        return F.embedding(input_ids, self.wte)
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)
