@@ -146,8 +146,10 @@ class TPDriver:
         self.runner = None
         self.failed: str | None = None
 
-    def start(self, runner, num_blocks: int, kv_dtype, dtype) -> "TPDriver":
+    def send_pool(self, num_blocks: int, kv_dtype, dtype) -> None:
         _broadcast((num_blocks, kv_dtype, dtype))
+
+    def start(self, runner) -> "TPDriver":
         self.runner = runner
         dist.barrier()                              # every shard loaded
         import atexit
@@ -241,13 +243,12 @@ def serve(group: TPGroup) -> None:
         pass
 
 
-def torchrun_worker_main() -> bool:
+def torchrun_worker_main(timeout: float) -> bool:
     """Under torchrun on a rank other than 0: be a worker, return True (the caller exits)."""
     world = env_world()
     if world is None or world[0] == 0:
         return False
     rank, size, addr, port = world
-    timeout = float(os.environ.get("MIAOTUI_DIST_TIMEOUT", "60"))
     serve(join(rank, size, addr, port, timeout))
     return True
 

@@ -28,6 +28,17 @@ class CPUDecoder:
 
     @classmethod
     def build(cls, model, caches: list[KVCache], block_size: int) -> CPUDecoder | None:
+        """A decoder, or None (see _build); under tensor parallel, the ranks agree on it,
+        so that all of them take the same path and their collectives match."""
+        dec = cls._build(model, caches, block_size)
+        tp = getattr(model, "tp", None)
+        if tp is not None:
+            ok = tp.group.all_reduce(torch.tensor([1 if dec is not None else 0]))
+            return dec if int(ok) == tp.group.size else None
+        return dec
+
+    @classmethod
+    def _build(cls, model, caches: list[KVCache], block_size: int) -> CPUDecoder | None:
         """A decoder for this model, or None when it is not covered: not a plain Llama-family
         model (Gemma, GPT-2), not SiLU, weights neither quantized nor float32, or no kernels."""
         from miaotui import kernels
@@ -35,11 +46,17 @@ class CPUDecoder:
         k = kernels.load()
         cfg = model.cfg
         if (k is None or not enabled() or type(model) is not LlamaForCausalLM or cfg.hidden_act != "silu"
-                or model.embed_tokens.device.type != "cpu" or getattr(model, "tp", None) is not None):
+                or model.embed_tokens.device.type != "cpu"):
             return None
         attn0 = model.layers[0].self_attn
-        impl = k.DecodeModel(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             cfg.intermediate_size, cfg.norm_eps, attn0.attn.scale, block_size)
+        tp = getattr(model, "tp", None)   # tensor parallel: this rank's heads and slices
+        if tp is not None and not hasattr(k.DecodeModel, "set_reduce"):
+            return None
+        impl = k.DecodeModel(cfg.hidden_size, attn0.attn.num_heads, attn0.attn.num_kv_heads, cfg.head_dim,
+                             model.layers[0].mlp.down_proj.in_features, cfg.norm_eps, attn0.attn.scale,
+                             block_size)
+        if tp is not None:   # o and down give partial sums: all-reduced inside the step
+            impl.set_reduce(tp.group.all_reduce)
         try:
             for i, (layer, cache) in enumerate(zip(model.layers, caches)):
                 a = layer.self_attn
@@ -51,7 +68,7 @@ class CPUDecoder:
                 for which, lin in enumerate((a.qkv_proj, a.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)):
                     if not _add_linear(impl, i, which, lin):
                         return None
-            impl.set_head(model.norm.weight, cfg.vocab_size)
+            impl.set_head(model.norm.weight, model.lm_head.out_features)
             if not _add_linear(impl, -1, 0, model.lm_head):
                 return None
         except RuntimeError:  # a shape or dtype the C++ side does not take
@@ -64,7 +81,9 @@ class CPUDecoder:
         """Logits [B, vocab] of one token per sequence."""
         x = self.model.embed(input_ids).contiguous()
         cos, sin = self.model.rotary.lookup(positions)
-        return self.impl.forward(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, tables, lens)
+        logits = self.impl.forward(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous(), slots, tables, lens)
+        head = self.model.lm_head
+        return logits if head.tp_out is None else head.tp_out(logits)   # all-gathered vocabulary
 
 
 def _add_linear(impl, layer: int, which: int, lin: Linear) -> bool:

@@ -146,10 +146,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_decode_delay)
+        if self.tp:   # the workers build their runners alike
+            self.tp.send_pool(num_blocks, kv_dtype, dtype)
         self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
                                   dtype=dtype)
-        if self.tp:   # the workers build their runners; each step goes to them first
-            self.runner = self.tp.start(self.runner, num_blocks, kv_dtype, dtype)
+        if self.tp:   # each step goes to the workers first
+            self.runner = self.tp.start(self.runner)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0, "steps": 0}

@@ -408,6 +408,10 @@ class DecodeModel {
     head_.N = vocab;
   }
 
+  // Tensor parallel: after o and down (row parallel, partial sums), hand [B, H] to `fn`
+  // (a Python all-reduce, in place) before the residual add.
+  void set_reduce(pybind11::function fn) { reduce_ = std::move(fn); }
+
   void set_bias(int64_t layer, int64_t which, const at::Tensor& b) {
     Linear& l = linear(layer, which);
     l.bias = f32(b, l.N);
@@ -458,6 +462,7 @@ class DecodeModel {
                 pos.data(), 0, att.data(), nh_ * hd_);
       clock.lap(kAttention);
       l.lin[1].run(att.data(), B, y.data());
+      reduce(y.data(), B);
       clock.lap(kO);
       for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
       for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * H_, l.post_norm, eps_, H_, h.data() + b * H_);
@@ -467,6 +472,7 @@ class DecodeModel {
       for (int64_t b = 0; b < B; ++b) silu_mul(gu.data() + b * 2 * I_, I_, act.data() + b * I_);
       clock.lap(kOther);
       l.lin[3].run(act.data(), B, y.data());
+      reduce(y.data(), B);
       clock.lap(kDown);
       for (int64_t i = 0; i < B * H_; ++i) xp[i] = xp[i] + y[i];
     }
@@ -493,6 +499,12 @@ class DecodeModel {
   static const float* f32(const at::Tensor& t, int64_t n) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "expected float32 [", n, "]");
     return t.data_ptr<float>();
+  }
+
+  void reduce(float* y, int64_t B) {
+    if (!reduce_) return;
+    pybind11::gil_scoped_acquire gil;
+    (*reduce_)(at::from_blob(y, {B, H_}, at::TensorOptions().dtype(at::kFloat)));
   }
 
   Linear& linear(int64_t layer, int64_t which) {
@@ -560,6 +572,7 @@ class DecodeModel {
   Linear head_;
   const float* final_norm_ = nullptr;
   bool complete_ = false;
+  std::optional<pybind11::function> reduce_;
   int64_t profile_[kCalls + 1] = {};
 };
 
@@ -602,6 +615,7 @@ void register_decode(pybind11::module& m) {
       .def("add_quant", &DecodeModel::add_quant)
       .def("add_dense", &DecodeModel::add_dense)
       .def("set_bias", &DecodeModel::set_bias)
+      .def("set_reduce", &DecodeModel::set_reduce)
       .def("set_head", &DecodeModel::set_head)
       .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)
       .def("forward", &DecodeModel::forward, no_gil());
