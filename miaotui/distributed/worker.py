@@ -141,17 +141,22 @@ class TPDriver:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "miaotui.distributed.worker", str(r), str(size), addr, str(port),
                      str(config.dist_timeout)], stdin=subprocess.DEVNULL))
-        self.group = join(0, size, addr, port, config.dist_timeout)
-        _broadcast(config)
         self.runner = None
         self.failed: str | None = None
+        try:
+            self.group = join(0, size, addr, port, config.dist_timeout)
+        except MiaotuiError:
+            self.failed = "no rendezvous"
+            self.shutdown()
+            raise
+        self._collective(_broadcast, config)
 
     def send_pool(self, num_blocks: int, kv_dtype, dtype) -> None:
-        _broadcast((num_blocks, kv_dtype, dtype))
+        self._collective(_broadcast, (num_blocks, kv_dtype, dtype))
 
     def start(self, runner) -> "TPDriver":
+        self._collective(dist.barrier)              # every shard loaded
         self.runner = runner
-        dist.barrier()                              # every shard loaded
         import atexit
         atexit.register(self.shutdown)
         return self
@@ -165,10 +170,13 @@ class TPDriver:
                 raise WorkerDied(self.failed)
 
     def run(self, batch):
+        return self._collective(lambda: (_broadcast(pack(batch)), self.runner.run(batch))[1])
+
+    def _collective(self, fn, *args):
+        """fn(*args); a failed collective (a worker died or failed) becomes WorkerDied."""
         self._check()
         try:
-            _broadcast(pack(batch))
-            return self.runner.run(batch)
+            return fn(*args)
         except (RuntimeError, dist.DistError) as e:
             time.sleep(0.2)                          # let a dead process's exit code show
             try:
@@ -182,9 +190,8 @@ class TPDriver:
         return getattr(self.runner, name)
 
     def shutdown(self) -> None:
-        if self.runner is None:
-            return
-        if not self.failed:
+        """Tell the workers to stop (they exit when rank 0 goes away in any case)."""
+        if self.runner is not None and not self.failed:
             try:
                 _broadcast(None)
             except Exception:
@@ -192,9 +199,10 @@ class TPDriver:
         self.runner = None
         for p in self.procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=0.1 if self.failed else 10)
             except Exception:
                 p.kill()
+                p.wait()
         try:
             dist.destroy_process_group()
         except Exception:

@@ -157,9 +157,11 @@ class LLMEngine:
                       "generated_tokens": 0, "steps": 0}
 
     # ---- requests -----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
-            raise MiaotuiError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt: str | list[int], params: SamplingParams
+                      ) -> tuple[str | None, list[int], int]:
+        """(text, token ids, tokens to generate at most) of a valid request, else MiaotuiError.
+        Reads only tokenizer, model_config, max_model_len and block_manager (the data
+        parallel front has them too)."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -179,6 +181,12 @@ class LLMEngine:
         if need > self.block_manager.num_blocks:
             raise MiaotuiError(f"the request needs {need} KV-cache blocks but the pool holds "
                                f"{self.block_manager.num_blocks}; raise kv_cache_memory")
+        return text, ids, max_new
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise MiaotuiError(f"request id {request_id!r} is already in use")
+        text, ids, max_new = self.check_request(prompt, params)
         seqs = [Sequence(request_id, i, ids, params, max_new) for i in range(params.n)]
         from miaotui.loader.tokenizer import IncrementalDetokenizer
         for s in seqs:
@@ -294,6 +302,15 @@ class LLMEngine:
                              first.num_cached_tokens, metrics)
 
     # ---- convenience --------------------------------------------------------------------
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more (a tensor-parallel worker died), else None."""
+        return self.tp.failed if self.tp else None
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers (also done at exit)."""
+        if self.tp:
+            self.tp.shutdown()
+
     def kv_usage(self) -> float:
         return self.block_manager.usage()
 
