@@ -141,3 +141,82 @@ def test_torchrun_two_nodes(tiny):
                          text=True, timeout=300)
     texts = sorted(o for o, _ in outs)
     assert texts[0] == "" and texts[1] == one.stdout and one.stdout.strip()   # only rank 0 prints
+
+
+# ---- data parallel --------------------------------------------------------------------------
+def test_dp2_server_equals_one_engine(tiny):
+    """32 concurrent requests through the OpenAI server over 2 replicas: the texts of one engine."""
+    import asyncio
+
+    import httpx
+
+    from miaotui.distributed.dp import DPEngine
+    from miaotui.engine.llm_engine import EngineConfig
+    from miaotui.serve.api import create_app
+    from miaotui.serve.cli import serve_in_thread
+    path = tiny("llama")
+    system = [1] + list(range(20, 60))           # a shared prefix of 2.5 blocks
+    prompts = [system + [100 + i, 7 * i % 250 + 3] if i % 2 else [200 - i, 9, 33, i + 3] * (1 + i % 3)
+               for i in range(32)]
+    ref = LLM(path, num_threads=1).generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    dp = DPEngine(EngineConfig(model=path, num_threads=1), 2)
+    try:
+        with serve_in_thread(create_app(dp, "tiny")) as url:
+            async def one(client, p):
+                r = await client.post(f"{url}/v1/completions", json={
+                    "model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            async def all_of():
+                async with httpx.AsyncClient(timeout=120) as client:
+                    return await asyncio.gather(*(one(client, p) for p in prompts))
+            texts = asyncio.run(all_of())
+        assert texts == [o.outputs[0].text for o in ref]
+        assert min(dp.routed) >= 8                    # both replicas served
+    finally:
+        dp.close()
+
+
+def test_dp_routing_prefers_the_prefix_owner():
+    from collections import OrderedDict
+
+    from miaotui.distributed.dp import DPEngine
+    d = object.__new__(DPEngine)
+    d.size, d.slack, d.block_size, d.load, d.routed, d.routes = 2, 4, 16, [0, 0], [0, 0], OrderedDict()
+
+    def add(ids):
+        i = d.route(ids)
+        d.load[i] += 1
+        d.routed[i] += 1
+        return i
+    system = list(range(40))
+    a = add(system + [1])
+    assert add([9] * 40) != a                  # no shared prefix: the least loaded
+    assert add(system + [2]) == a              # shared first blocks: their owner
+    assert add([3] * 5) != a                   # shorter than a block: least loaded
+    d.load[a] += 5
+    assert add(system + [4]) != a              # the owner is too busy: spill over
+
+
+def test_dp_dead_replica_gives_503(tiny):
+    import httpx
+
+    from miaotui.distributed.dp import DPEngine
+    from miaotui.engine.llm_engine import EngineConfig
+    from miaotui.serve.api import create_app
+    from miaotui.serve.cli import serve_in_thread
+    dp = DPEngine(EngineConfig(model=tiny("llama"), num_threads=1), 2)
+    try:
+        with serve_in_thread(create_app(dp, "tiny")) as url:
+            assert httpx.get(f"{url}/health").status_code == 200
+            dp.procs[1].kill()
+            dp.procs[1].wait()
+            h = httpx.get(f"{url}/health")
+            assert h.status_code == 503 and h.json()["status"] == "engine failed"
+            assert "replica 1" in h.json()["reason"]
+            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4},
+                           timeout=60)
+            assert r.status_code == 503 and "replica 1" in r.json()["error"]["message"]
+    finally:
+        dp.close()

@@ -588,7 +588,7 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
             return JSONResponse(P.Health(status="engine stopped").model_dump(), status_code=503)
         failure = async_engine.engine.failure()   # a distributed worker died
         if failure:
-            return JSONResponse(P.Health(status=f"engine failed: {failure}").model_dump(), status_code=503)
+            return JSONResponse(P.Health(status="engine failed", reason=failure).model_dump(), status_code=503)
         return P.Health(status="ok")
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(403),
