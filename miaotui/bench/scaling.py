@@ -38,9 +38,10 @@ class Link:
         return (n - 1) / n * nbytes / self.bytes_per_s + (n - 1) * self.latency_us * 1e-6
 
 
-# this machine's processes talk through gloo over loopback TCP: ~ these (measured by
-# bench/distributed.py's all-reduce probe; the defaults of `miaotui estimate --tp`)
-LOOPBACK = Link(gbps=20.0, latency_us=60.0)
+# processes on one machine talk through gloo over loopback TCP: the 2-rank all-reduce probe
+# of bench/distributed.py measured ~these on the (busy, 2-core) dev machine
+# (results/distributed.json); the defaults of `miaotui estimate --tp`
+LOOPBACK = Link(gbps=7.5, latency_us=74.0)
 
 
 def share(machine: Machine, k: float) -> Machine:
