@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             check_model_args(args)
         if hasattr(args, "top_p"):                # every command with sampling options
             sampling_params(args)
-        if hasattr(args, "dist_timeout"):         # under torchrun, ranks > 0 only run the model
+        if hasattr(args, "dist_timeout") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under torchrun, ranks > 0 only run the model
             from miaotui.distributed.worker import torchrun_worker_main
             if torchrun_worker_main(args.dist_timeout):
                 return 0

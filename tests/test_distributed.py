@@ -178,6 +178,25 @@ def test_dp2_server_equals_one_engine(tiny):
         dp.close()
 
 
+def test_dp_times_tp(tiny):
+    """2 replicas of 2 tensor-parallel ranks each: the tokens of one engine."""
+    from miaotui.distributed.dp import DPEngine
+    from miaotui.engine.llm_engine import EngineConfig
+    path = tiny("llama")
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in LLM(path, num_threads=1).generate(PROMPTS, sp)]
+    dp = DPEngine(EngineConfig(model=path, num_threads=1, tensor_parallel_size=2), 2)
+    try:
+        for i, p in enumerate(PROMPTS):
+            dp.add_request(f"r{i}", p, sp)
+        done = {}
+        while dp.has_unfinished():
+            done.update({o.request_id: o.outputs[0].token_ids for o in dp.step() if o.finished})
+        assert [done[f"r{i}"] for i in range(len(PROMPTS))] == ref
+    finally:
+        dp.close()
+
+
 def test_dp_routing_prefers_the_prefix_owner():
     from collections import OrderedDict
 

@@ -580,7 +580,7 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
         server.check_auth(request)
         return P.ModelList(data=[P.ModelCard(id=served_model_name, max_model_len=server.max_model_len)])
 
-    @app.get("/health", response_model=P.Health,
+    @app.get("/health", response_model=P.Health, response_model_exclude_none=True,
              responses={503: {"model": P.Health, "description": "The engine has stopped"},
                         **_errors(403)})
     async def health():
@@ -588,7 +588,7 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
             return JSONResponse(P.Health(status="engine stopped").model_dump(), status_code=503)
         failure = async_engine.engine.failure()   # a distributed worker died
         if failure:
-            return JSONResponse(P.Health(status="engine failed", reason=failure).model_dump(), status_code=503)
+            return JSONResponse(P.Health(status="engine failed", reason=failure).model_dump(exclude_none=True), status_code=503)
         return P.Health(status="ok")
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(403),
