@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import types
 from dataclasses import dataclass
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -54,21 +53,6 @@ class TPGroup:
 
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() and os.environ.get("MIAOTUI_DIST_BACKEND") != "gloo" else "gloo"
-
-
-def init_group(rank: int, size: int, addr: str, port: int, timeout: float) -> TPGroup:
-    """Join the process group (a TCP rendezvous at addr:port); a clear error after
-    `timeout` seconds when the other processes never show up."""
-    if dist.is_initialized():
-        return TPGroup(dist.get_rank(), dist.get_world_size())
-    try:
-        dist.init_process_group(backend(), init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=size, timeout=timedelta(seconds=timeout))
-    except Exception as e:   # DistStoreError, RuntimeError (timeout, refused)
-        raise MiaotuiError(f"rank {rank}/{size}: no rendezvous with the other processes at "
-                           f"{addr}:{port} within {timeout:g}s ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return TPGroup(rank, size)
 
 
 def split(n: int, parts: int, index: int, unit: int = 1) -> tuple[int, int]:

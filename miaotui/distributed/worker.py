@@ -10,11 +10,9 @@ the token window, positions, block table); every rank then runs the same
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
-import threading
 import time
 import types
 from datetime import timedelta
@@ -25,7 +23,6 @@ import torch.distributed as dist
 from miaotui.config import MiaotuiError
 from miaotui.distributed.tp import TPGroup, backend
 
-log = logging.getLogger("miaotui")
 STEP_TIMEOUT = timedelta(hours=24)   # collectives: a worker waits for the next step while idle
 
 
