@@ -109,6 +109,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="ngram: longest suffix matched")
     g.add_argument("--prompt-lookup-min", type=at_least(1), default=2, metavar="N",
                    help="ngram: shortest suffix matched")
+    g = p.add_argument_group("distributed (see README, Distributed)")
+    g.add_argument("--tensor-parallel-size", "--tp", type=at_least(1), default=1, metavar="N",
+                   help="split the model over N processes (spawned here; under torchrun: its world size)")
+    g.add_argument("--dist-addr", default=None, metavar="HOST",
+                   help="rendezvous address of the spawned workers (default: 127.0.0.1; torchrun: MASTER_ADDR)")
+    g.add_argument("--dist-port", type=at_least(1), default=None, metavar="PORT",
+                   help="rendezvous port (default: a free one; torchrun: MASTER_PORT)")
+    g.add_argument("--dist-timeout", type=positive, default=60.0, metavar="S",
+                   help="seconds to wait for every process at start-up")
 
 
 def check_model_args(args) -> None:
@@ -146,7 +155,9 @@ def engine_kwargs(args) -> dict:
     kw = dict(dtype=args.dtype, quantization=args.quantization, group_size=args.group_size,
               kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads)
+              enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
+              tensor_parallel_size=args.tensor_parallel_size, dist_addr=args.dist_addr,
+              dist_port=args.dist_port, dist_timeout=args.dist_timeout)
     # unset: EngineConfig's defaults (sized from the model)
     for name in ("kv_cache_memory", "max_num_seqs", "chat_template", "max_decode_delay"):
         if getattr(args, name, None) is not None:
@@ -351,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             check_model_args(args)
         if hasattr(args, "top_p"):                # every command with sampling options
             sampling_params(args)
+        if hasattr(args, "dist_timeout") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # under torchrun, ranks > 0 only run the model
+            from miaotui.distributed.worker import torchrun_worker_main
+            if torchrun_worker_main(args.dist_timeout):
+                return 0
         args.func(args)
         return 0
     except MiaotuiError as e:

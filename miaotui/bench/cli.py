@@ -251,10 +251,49 @@ def cmd_estimate(args) -> None:
     print(f"largest batch of {ctx}-token sequences in {budget / G:.1f} GB: {fits}")
     results = {"costs": out, "footprint": fp, "max_batch": fits, "budget_bytes": budget,
                "weight_bytes": cost.weight_memory(), "kv_bytes_per_token": cost.kv_per_token}
+    results.update(_scale_out(args, cost, machine, P, B, ctx))
     from miaotui.bench import report
     report.write_json(make_result("estimate", {**_config(args), "model_path": path}, results,
                                   {"bandwidth": machine.bandwidth, "flops": machine.flops,
                                    "source": machine.source}), args.output)
+
+
+def _scale_out(args, cost, machine, P: int, B: int, ctx: int) -> dict:
+    """--tp/--dp/--scaling-table: the distributed predictions (bench/scaling.py)."""
+    from miaotui.bench import scaling
+    from miaotui.bench.report import table
+    out = {}
+    n, m = args.tensor_parallel_size, args.dp
+    if n > 1 or m > 1:
+        link = scaling.Link(args.link_gbps or scaling.LOOPBACK.gbps,
+                            args.link_latency_us or scaling.LOOPBACK.latency_us)
+        same = not args.nodes
+        rows = []
+        for label, step, toks in ((f"prefill {P} tokens", cost.prefill(P), P),
+                                  ("decode step, batch 1", cost.decode(1, ctx), 1),
+                                  (f"decode step, batch {B}", cost.decode(B, ctx), B)):
+            one = machine.time(step)
+            r = scaling.tp_step(cost, machine, link, n, toks, step, same)
+            rows.append([label, one * 1e3, r["compute_memory_s"] * 1e3, r["comm_s"] * 1e3, r["step_s"] * 1e3,
+                         one / r["step_s"]])
+            out[f"tp{n} {label}"] = {**r, "tp1_s": one}
+        print(f"PREDICTED tensor parallel {n} ({'one machine shared' if same else 'one machine each'}, "
+              f"link {link.gbps:g} Gbit/s, {link.latency_us:g} us/hop):")
+        print(table(rows, ["", "TP=1 ms", "compute+mem ms", "all-reduce ms", f"TP={n} ms", "speedup"]))
+        if m > 1:
+            one = B / machine.time(cost.decode(B, ctx))
+            dp = scaling.dp_throughput(machine, m, lambda mc, b: mc.time(cost.decode(b, ctx)), B, same)
+            print(f"PREDICTED data parallel {m}: decode batch {B} {dp:.1f} tok/s vs one engine {one:.1f} "
+                  f"({dp / one:.2f}x)")
+            out[f"dp{m}"] = {"tok_s": dp, "one_engine_tok_s": one}
+    if args.scaling_table:
+        rows = scaling.scaling_predictions(B, ctx)
+        print(f"PREDICTIONS (roofline at peak bandwidth/FLOP/s, not measurements): decode, batch {B}, ctx {ctx}")
+        print(table([[r["model"], r["setup"], r["tp"], r["dp"], r["weights_per_rank_gb"], r["step_ms"],
+                      r["comm_ms"], r["tok_s"], "yes" if r["fits"] else "NO"] for r in rows],
+                    ["model", "hardware", "TP", "DP", "GB/rank", "step ms", "comm ms", "tok/s", "fits"]))
+        out["scaling_predictions"] = rows
+    return out
 
 
 # ---- perplexity -------------------------------------------------------------------------
@@ -352,6 +391,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--memory-budget", default=None, help="e.g. 8G (default: available memory)")
     p.add_argument("--calibrate", action="store_true", help="re-measure this machine first")
     p.add_argument("--output", "-o", default=None)
+    g = p.add_argument_group("scale-out (predicted; --tp N is --tensor-parallel-size)")
+    g.add_argument("--dp", type=at_least(1), default=1, help="data-parallel replicas")
+    g.add_argument("--link-gbps", type=positive, default=None, help="link bandwidth (default: this "
+                   "machine's loopback as gloo sees it)")
+    g.add_argument("--link-latency-us", type=positive, default=None, help="per-hop latency")
+    g.add_argument("--nodes", action="store_true", help="each rank/replica on its own machine like this "
+                   "one (default: all share this machine)")
+    g.add_argument("--scaling-table", action="store_true",
+                   help="print predictions for 7B/70B on 8 GPUs over NVLink and 4 CPU nodes over 25 GbE")
     p.set_defaults(func=cmd_estimate)
 
     p = subparsers.add_parser("perplexity", help="sliding-window perplexity of a text file")

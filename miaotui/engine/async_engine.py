@@ -184,6 +184,8 @@ class AsyncEngine:
 
     def _snapshot(self) -> dict:
         e = self.engine
+        if hasattr(e, "snapshot"):     # a data-parallel front sums its replicas'
+            return e.snapshot()
         bm = e.block_manager
         return {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
                 "kv_usage": e.kv_usage(), "prefix_queries": bm.prefix_queries,

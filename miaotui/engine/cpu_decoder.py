@@ -37,6 +37,17 @@ class CPUDecoder:
 
     @classmethod
     def build(cls, model, caches: list[KVCache], block_size: int) -> CPUDecoder | None:
+        """A decoder, or None (see _build); under tensor parallel, the ranks agree on it,
+        so that all of them take the same path and their collectives match."""
+        dec = cls._build(model, caches, block_size)
+        tp = getattr(model, "tp", None)
+        if tp is not None:
+            ok = tp.group.all_reduce(torch.tensor([1 if dec is not None else 0]))
+            return dec if int(ok) == tp.group.size else None
+        return dec
+
+    @classmethod
+    def _build(cls, model, caches: list[KVCache], block_size: int) -> CPUDecoder | None:
         """A decoder for this model, or None when it is not covered: not a Llama-family,
         Gemma 3 or GPT-2 model, an activation other than SiLU or GELU (tanh), weights neither
         quantized nor float32/float16/bfloat16, or no kernels."""
@@ -53,8 +64,13 @@ class CPUDecoder:
             return None
         layers = model.h if kind == "gpt2" else model.layers
         attn0 = layers[0].attn if kind == "gpt2" else layers[0].self_attn.attn
-        impl = k.DecodeModel(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             cfg.intermediate_size, cfg.norm_eps, attn0.scale, block_size)
+        down = layers[0].mlp_proj if kind == "gpt2" else layers[0].mlp.down_proj
+        # under tensor parallel: this rank's heads and MLP slice
+        impl = k.DecodeModel(cfg.hidden_size, attn0.num_heads, attn0.num_kv_heads, cfg.head_dim,
+                             down.in_features, cfg.norm_eps, attn0.scale, block_size)
+        tp = getattr(model, "tp", None)
+        if tp is not None:   # o and down give partial sums: all-reduced inside the step
+            impl.set_reduce(tp.group.all_reduce)
         try:
             impl.set_arch("layer" if kind == "gpt2" else "rms", act, kind != "gpt2")
             for i, (layer, cache) in enumerate(zip(layers, caches)):
@@ -81,7 +97,7 @@ class CPUDecoder:
                     if not _add_linear(impl, i, which, lin):
                         return None
             final = model.ln_f if kind == "gpt2" else model.norm
-            impl.set_head(final.weight, cfg.vocab_size)
+            impl.set_head(final.weight, model.lm_head.out_features)   # this rank's vocabulary
             if kind == "gpt2":
                 impl.set_norm(-1, 0, final.weight, final.bias)
             if not _add_linear(impl, -1, 0, model.lm_head):
@@ -102,6 +118,9 @@ class CPUDecoder:
         else:
             cos = sin = torch.empty(0, 0)
         logits = self.impl.forward(x, cos, sin, slots, tables, lens)
+        head = self.model.lm_head
+        if head.tp_out is not None:
+            logits = head.tp_out(logits)   # tensor parallel: the vocabulary all-gathered
         # as the model's compute_logits
         return logits if not self.cap else torch.tanh(logits / self.cap) * self.cap
 

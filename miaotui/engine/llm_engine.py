@@ -57,6 +57,12 @@ class EngineConfig:
     # speculative decoding: None, a method ("ngram", "draft", "self-int4") or a dict of
     # engine/speculative.py's SpeculativeConfig, e.g. {"method": "ngram", "num_tokens": 4}
     speculative: dict | str | None = None
+    # tensor parallel (miaotui/distributed): ranks that split the model; under torchrun, its
+    # world size. Spawned workers meet rank 0 at dist_addr:dist_port (default: a free local port)
+    tensor_parallel_size: int = 1
+    dist_addr: str | None = None
+    dist_port: int | None = None
+    dist_timeout: float = 60.0           # seconds to wait for every rank at start-up
 
 
 @dataclass
@@ -113,7 +119,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from miaotui.loader import build_model, load_tokenizer, open_checkpoint
         self.config = config
-        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        self.tp = None
+        if config.tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from miaotui.distributed.worker import TPDriver
+            self.tp = TPDriver(config)   # workers started, the group joined, the config sent
+        ranks = self.tp.group.size if self.tp else 1
+        torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // ranks))
         if config.dtype not in DTYPES:
             raise MiaotuiError(f"unknown dtype {config.dtype!r} (choose from {', '.join(DTYPES)})")
         if config.kv_cache_dtype not in KV_DTYPES:
@@ -127,7 +138,7 @@ class LLMEngine:
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
         self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
-                                 keep_16bit=config.dtype == "auto")
+                                 keep_16bit=config.dtype == "auto", tp=self.tp.group if self.tp else None)
         del ckpt   # unmap the checkpoint file before the KV pool is allocated: a lower peak
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  cfg.max_position_embeddings)
@@ -140,8 +151,12 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_decode_delay)
+        if self.tp:   # the workers build their runners alike
+            self.tp.send_pool(num_blocks, kv_dtype, dtype)
         self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
                                   dtype=dtype)
+        if self.tp:   # each step goes to the workers first
+            self.runner = self.tp.start(self.runner)
         self.requests: dict[str, _Request] = {}
         self._grammars = None
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
@@ -154,9 +169,11 @@ class LLMEngine:
             self.scheduler.on_finish = self.speculator.release
 
     # ---- requests -----------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
-            raise MiaotuiError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt: str | list[int], params: SamplingParams
+                      ) -> tuple[str | None, list[int], int]:
+        """(text, token ids, tokens to generate at most) of a valid request, else MiaotuiError.
+        Reads only tokenizer, model_config, max_model_len and block_manager (the data
+        parallel front has them too)."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -176,6 +193,12 @@ class LLMEngine:
         if need > self.block_manager.num_blocks:
             raise MiaotuiError(f"the request needs {need} KV-cache blocks but the pool holds "
                                f"{self.block_manager.num_blocks}; raise kv_cache_memory")
+        return text, ids, max_new
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise MiaotuiError(f"request id {request_id!r} is already in use")
+        text, ids, max_new = self.check_request(prompt, params)
         seqs = [Sequence(request_id, i, ids, params, max_new) for i in range(params.n)]
         from miaotui.loader.tokenizer import IncrementalDetokenizer
         for s in seqs:
@@ -327,6 +350,15 @@ class LLMEngine:
                              first.num_cached_tokens, metrics)
 
     # ---- convenience --------------------------------------------------------------------
+    def failure(self) -> str | None:
+        """Why the engine cannot run any more (a tensor-parallel worker died), else None."""
+        return self.tp.failed if self.tp else None
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers (also done at exit)."""
+        if self.tp:
+            self.tp.shutdown()
+
     def kv_usage(self) -> float:
         return self.block_manager.usage()
 

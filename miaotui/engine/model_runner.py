@@ -34,7 +34,7 @@ class ModelRunner:
                                  and cfg.head_dim % 8 == 0 and kv_dtype in (torch.float32, torch.float16, torch.int8))
         self.caches = []
         for attn in model.attention_layers():  # the kernels read only written slots: no zeroing
-            attn.cache = KVCache(num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype, device,
+            attn.cache = KVCache(num_blocks * block_size, attn.num_kv_heads, cfg.head_dim, kv_dtype, device,
                                  zeroed=not self.kernel_attention)
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)

@@ -518,6 +518,10 @@ class DecodeModel {
     head_.N = vocab;
   }
 
+  // Tensor parallel: after o and down (row parallel, partial sums), hand [B, H] to `fn`
+  // (a Python all-reduce, in place) before the residual add.
+  void set_reduce(pybind11::function fn) { reduce_ = std::move(fn); }
+
   void set_bias(int64_t layer, int64_t which, const at::Tensor& b) {
     Linear& l = linear(layer, which);
     l.bias = f32(b, l.N);
@@ -611,6 +615,7 @@ class DecodeModel {
               s.pos.data(), l.window, s.att.data(), nh_ * hd_);
     clock.lap(kAttention);
     l.lin[1].run(s.att.data(), B, s.y.data());
+    reduce(s.y.data(), B);  // tensor parallel: the ranks' partial sums
     clock.lap(kO);
     add_residual(l.attn_out, s);
     norm(l.mlp_in, s.x, s.h.data(), B);
@@ -624,6 +629,7 @@ class DecodeModel {
     }
     clock.lap(kOther);
     l.lin[3].run(s.act.data(), B, s.y.data());
+    reduce(s.y.data(), B);
     clock.lap(kDown);
     add_residual(l.mlp_out, s);
   }
@@ -645,6 +651,12 @@ class DecodeModel {
   static const float* f32(const at::Tensor& t, int64_t n) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, "expected float32 [", n, "]");
     return t.data_ptr<float>();
+  }
+
+  void reduce(float* y, int64_t B) {
+    if (!reduce_) return;
+    pybind11::gil_scoped_acquire gil;
+    (*reduce_)(at::from_blob(y, {B, H_}, at::TensorOptions().dtype(at::kFloat)));
   }
 
   Linear& linear(int64_t layer, int64_t which) {
@@ -718,6 +730,7 @@ class DecodeModel {
   Norm final_norm_;
   int64_t max_rope_ = -1;
   bool complete_ = false;
+  std::optional<pybind11::function> reduce_;
   int64_t profile_[kCalls + 1] = {};
 };
 
@@ -824,6 +837,7 @@ void register_decode(pybind11::module& m) {
       .def("add_dense", &DecodeModel::add_dense)
       .def("add_sparse24", &DecodeModel::add_sparse24)
       .def("set_bias", &DecodeModel::set_bias)
+      .def("set_reduce", &DecodeModel::set_reduce)
       .def("set_head", &DecodeModel::set_head)
       .def("profile", &DecodeModel::profile, pybind11::arg("reset") = false)
       .def("forward", &DecodeModel::forward, no_gil());

@@ -63,6 +63,19 @@ class Linear(nn.Module):
         self.qweight = None  # a miaotui.layers.quant.QuantWeight once quantized
         self._raw_parts: dict[int, object] = {}
         self._loaded: set[int] = set()
+        # tensor parallel (miaotui/distributed/tp.py): the checkpoint rows of each logical
+        # shard this rank keeps (column parallel), or its input columns (row parallel), and
+        # what joins the ranks' outputs (all-reduce, all-gather); None: the whole weight
+        self.tp_rows: list[list[tuple[int, int]]] | None = None
+        self.tp_cols: tuple[int, int] | None = None
+        self.tp_out = None
+
+    def _tp_slice(self, w: torch.Tensor, shard: int, cols: bool = True) -> torch.Tensor:
+        if self.tp_rows is not None:
+            w = torch.cat([w[a:b] for a, b in self.tp_rows[shard]])
+        if cols and self.tp_cols is not None:
+            w = w[:, self.tp_cols[0]:self.tp_cols[1]]
+        return w
 
     def _rows(self, shard: int) -> slice:
         start = sum(self.output_sizes[:shard])
@@ -70,6 +83,7 @@ class Linear(nn.Module):
 
     def load(self, w: torch.Tensor, shard: int = 0) -> None:
         rows = self._rows(shard)
+        w = self._tp_slice(w, shard)
         if tuple(w.shape) != (rows.stop - rows.start, self.in_features):
             raise ValueError(f"weight shape {tuple(w.shape)} != {(rows.stop - rows.start, self.in_features)}")
         if self.keep_16bit and w.dtype in HALF and self.weight.dtype != w.dtype and not self._loaded:
@@ -80,10 +94,13 @@ class Linear(nn.Module):
         self._loaded.add(shard)
 
     def load_bias(self, b: torch.Tensor, shard: int = 0) -> None:
-        self.bias.data[self._rows(shard)] = b.to(self.bias.dtype)
+        self.bias.data[self._rows(shard)] = self._tp_slice(b, shard, cols=False).to(self.bias.dtype)
 
     def load_raw(self, raw, shard: int = 0) -> None:
         """Keep a GGUF-quantized shard quantized; merged in `finish_raw`."""
+        if self.tp_rows is not None or self.tp_cols is not None:
+            from miaotui.distributed.tp import slice_raw
+            raw = slice_raw(raw, None if self.tp_rows is None else self.tp_rows[shard], self.tp_cols)
         self._raw_parts[shard] = raw
 
     def finish_raw(self) -> None:
@@ -110,6 +127,10 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        return y if self.tp_out is None else self.tp_out(y)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             y = self.qweight.matmul(x)
             return y if self.bias is None else y.add_(self.bias)

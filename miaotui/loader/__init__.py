@@ -72,19 +72,26 @@ def load_tokenizer(ckpt, chat_template: str | None = None):
 
 
 def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | None = None,
-                group_size: int = 32, progress: bool = False, keep_16bit: bool = False):
+                group_size: int = 32, progress: bool = False, keep_16bit: bool = False, tp=None):
     """Instantiate the architecture and load weights.
 
     quantization: None keeps a checkpoint as stored (GGUF tensors stay quantized when the
     quantized kernels are available); "none" dequantizes GGUF to `dtype`; "int8"/"int4"
     quantize linear weights at load. keep_16bit (dtype "auto"): float16 / bfloat16 weights and
-    embedding tables stay 16-bit in memory (computed in float32, widened on the fly).
+    embedding tables stay 16-bit in memory (computed in float32, widened on the fly). tp: a
+    miaotui.distributed.tp.TPGroup; load only this rank's shard.
     """
     from miaotui.models import get_model_class
     cfg: ModelConfig = ckpt.config
     model = get_model_class(cfg)(cfg)  # torch.empty weights: no memory touched until loaded
+    if tp is not None:
+        from miaotui.distributed.tp import shard_model
+        shard_model(model, tp)
     qcfg = getattr(ckpt, "hf_config", {}).get("quantization_config") or {}
     if qcfg.get("quant_method") == "miaotui":   # saved by `miaotui quantize`
+        if tp is not None:
+            raise MiaotuiError("tensor parallel does not load `miaotui quantize` checkpoints yet; "
+                               "quantize at load (--quantization int8/int4) instead")
         from miaotui.optimize.quantize import load_quantized_state
         load_quantized_state(model, _progress(ckpt.tensors(), ckpt, progress))
         return model.eval()
@@ -100,6 +107,9 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
     weights = ckpt.raw_tensors() if keep_gguf else ckpt.tensors()
     t0 = time.perf_counter()
     model.load_weights(_progress(weights, ckpt, progress))
+    if tp is not None:
+        from miaotui.distributed.tp import finish_shard
+        finish_shard(model)
     if dtype != torch.float32:
         for m in model.modules():
             if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and getattr(m, "qweight", None) is None:

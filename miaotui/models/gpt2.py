@@ -52,13 +52,17 @@ class GPT2LMHeadModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
     def input_embeddings(self, input_ids, positions):
-        return F.embedding(input_ids, self.wte).float() + F.embedding(positions, self.wpe).float()
+        # self.embed: tensor parallel replaces it with its vocabulary-parallel lookup
+        return self.embed(input_ids).float() + F.embedding(positions, self.wpe).float()
 
     def forward(self, input_ids, positions, meta):
         x = self.input_embeddings(input_ids, positions)
         for block in self.h:
             x = block(x, meta)
         return self.ln_f(x)
+
+    def embed(self, input_ids):
+        return F.embedding(input_ids, self.wte)
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

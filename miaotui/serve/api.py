@@ -217,6 +217,9 @@ class _Server:
                            param=param, code="context_length_exceeded")
 
     async def submit(self, job: _Job, params: SamplingParams) -> None:
+        failure = self.engine.engine.failure()
+        if failure:
+            raise APIError(503, f"the engine has failed: {failure}", "server_error", code="engine_failed")
         if self.engine.num_waiting >= self.max_waiting:
             raise APIError(503, "the server is busy, retry shortly", "server_overloaded",
                            code="queue_full", headers={"Retry-After": "1"})
@@ -670,7 +673,7 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
     """
     if max_waiting < 1:
         raise MiaotuiError("max_waiting must be at least 1")
-    owned = isinstance(engine, LLMEngine)
+    owned = not isinstance(engine, AsyncEngine)   # an LLMEngine or a data-parallel DPEngine
     async_engine = AsyncEngine(engine) if owned else engine
     server = _Server(async_engine, served_model_name, api_key, max_waiting)
 
@@ -714,12 +717,15 @@ def create_app(engine: LLMEngine | AsyncEngine, served_model_name: str, api_key:
         server.check_auth(request)
         return P.ModelList(data=[P.ModelCard(id=served_model_name, max_model_len=server.max_model_len)])
 
-    @app.get("/health", response_model=P.Health,
+    @app.get("/health", response_model=P.Health, response_model_exclude_none=True,
              responses={503: {"model": P.Health, "description": "The engine has stopped"},
                         **_errors(403)})
     async def health():
         if not async_engine._thread.is_alive():
             return JSONResponse(P.Health(status="engine stopped").model_dump(), status_code=503)
+        failure = async_engine.engine.failure()   # a distributed worker died
+        if failure:
+            return JSONResponse(P.Health(status="engine failed", reason=failure).model_dump(exclude_none=True), status_code=503)
         return P.Health(status="ok")
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(403),

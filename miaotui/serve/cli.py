@@ -78,16 +78,23 @@ def cmd_serve(args) -> None:
     if not is_loopback(args.host) and not api_key:
         print(f"[miaotui] warning: serving on {args.host} without --api-key; anyone who can "
               "reach this address can use the model", file=sys.stderr)
-    llm = load_llm(args)
-    name = args.served_model_name or served_name(llm.engine.model_path)
-    app = create_app(llm.engine, name, api_key=api_key, max_waiting=args.max_waiting,
+    if args.data_parallel_size > 1:
+        from miaotui.cli import engine_kwargs
+        from miaotui.distributed.dp import DPEngine
+        from miaotui.engine.llm_engine import EngineConfig
+        engine = DPEngine(EngineConfig(model=args.model, **engine_kwargs(args)), args.data_parallel_size)
+        print(f"[miaotui] {args.data_parallel_size} data-parallel replicas of {engine.model_path}", file=sys.stderr)
+    else:
+        engine = load_llm(args).engine
+    name = args.served_model_name or served_name(engine.model_path)
+    app = create_app(engine, name, api_key=api_key, max_waiting=args.max_waiting,
                      host=args.host, allowed_origins=origins)
     print(f"[miaotui] serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def add_parser(subparsers) -> None:
-    from miaotui.cli import add_model_args
+    from miaotui.cli import add_model_args, at_least
     p: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     add_model_args(p)
@@ -104,4 +111,7 @@ def add_parser(subparsers) -> None:
                    help="web origins allowed to call the server from a browser (CORS), comma-"
                         "separated, e.g. http://localhost:3000; '*' for any (default: none)")
     g.add_argument("--log-level", default="warning", help="uvicorn log level")
+    g.add_argument("--data-parallel-size", "--dp", type=at_least(1), default=1, metavar="N",
+                   help="N engine replicas (processes, cores/N threads each) behind this server, "
+                        "requests routed to the least loaded or to the one caching their prefix")
     p.set_defaults(func=cmd_serve, max_decode_delay=2.5)   # streams keep flowing under long prompts

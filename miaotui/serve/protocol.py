@@ -301,7 +301,8 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "engine stopped"]
+    status: Literal["ok", "engine stopped", "engine failed"]
+    reason: str | None = None            # engine failed: e.g. which distributed worker died
 
 
 class ErrorInfo(BaseModel):
