@@ -94,8 +94,10 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
     t0 = time.perf_counter()
     model.load_weights(_progress(weights, ckpt, progress))
     if dtype != torch.float32:
-        for m in model.modules():
-            if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and getattr(m, "qweight", None) is None:
+        from miaotui.layers.embedding import Embedding
+        for m in model.modules():   # embeddings stay as stored (rows widened to float32)
+            if (getattr(m, "weight", None) is not None and m.weight.dim() == 2
+                    and getattr(m, "qweight", None) is None and not isinstance(m, Embedding)):
                 m.weight.data = m.weight.data.to(dtype)
     if quantization in ("int8", "int4"):
         from miaotui.layers.linear import Linear

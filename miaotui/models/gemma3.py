@@ -35,7 +35,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.normalizer = cfg.hidden_size ** 0.5
 
     def forward(self, input_ids, positions, meta):
-        x = self.embed(input_ids) * torch.tensor(self.normalizer, dtype=self.embed_tokens.dtype)
+        x = self.embed(input_ids)
+        x = x * torch.tensor(self.normalizer, dtype=x.dtype)
         ropes = (self.rotary.lookup(positions), self.local_rotary.lookup(positions))
         for layer in self.layers:
             x = layer(x, ropes, meta)

@@ -10,12 +10,12 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miaotui.config import ModelConfig
 from miaotui.layers.activation import gated, get_activation
 from miaotui.layers.attention import Attention, AttentionMetadata
+from miaotui.layers.embedding import Embedding
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
@@ -103,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)   # kept as stored
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         return RotaryEmbedding(self.cfg.head_dim, self.cfg.max_position_embeddings, theta, scaling)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens)
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         x = self.embed(input_ids)
@@ -131,14 +131,12 @@ class LlamaForCausalLM(nn.Module):
     # ---- loading -------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
         lm_head_seen = False
-        embed_raw = None
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             if name == "embed_tokens.weight":
-                self.embed_tokens.data = _dense(w).float()
-                embed_raw = None if isinstance(w, torch.Tensor) else w
+                self.embed_tokens.load(w)
             elif name == "lm_head.weight":
                 lm_head_seen = True
                 load_linear(self.lm_head, w)
@@ -150,10 +148,8 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"unexpected weight {name}")
                 layer = self.layers[int(m.group(1))]
                 self._load_layer_weight(layer, m.group(2), m.group(3), w)
-        if not lm_head_seen and embed_raw is not None:  # tied, GGUF: the head reads the quantized copy
-            load_linear(self.lm_head, embed_raw)
-        elif not lm_head_seen:  # tied embeddings
-            self.lm_head.weight.data = self.embed_tokens.data
+        if not lm_head_seen:  # tied: the head reads the embedding's table (quantized or float32)
+            self.embed_tokens.tie(self.lm_head)
         for layer in self.modules():
             if isinstance(layer, Linear):
                 layer.finish_raw()
