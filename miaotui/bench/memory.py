@@ -92,6 +92,19 @@ def resident_bytes(t) -> int:
     return min(n, resident)
 
 
+def return_freed_memory() -> None:
+    """Hand the allocator's free memory back to the system (glibc's malloc_trim). Loading
+    frees one temporary per tensor; glibc keeps such memory for reuse (its mmap threshold
+    rises with the sizes freed), so without this it stays in the RSS."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def parse_bytes(text) -> int:
     """'1GiB', '1G', '512MB', '1.5e9', 123 -> bytes (K/M/G/T are powers of 1024)."""
     s = str(text).strip().upper().removesuffix("B").removesuffix("I")

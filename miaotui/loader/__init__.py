@@ -105,6 +105,8 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
             if isinstance(m, Linear):   # the output head keeps 8 bits: it is most sensitive
                 m.quantize("int8" if m is model.lm_head else quantization, group_size)
     model.load_seconds = time.perf_counter() - t0
+    from miaotui.bench.memory import return_freed_memory
+    return_freed_memory()   # the load's temporaries: not resident beside the model
     return model.eval()
 
 

@@ -94,8 +94,9 @@ class HFCheckpoint:
                     if start + e > size or b > e:
                         raise MiaotuiError(f"cannot read {file}: corrupt or truncated safetensors "
                                            f"(tensor {k} ends past the end of the file)")
-                    raw = np.frombuffer(buf, np.uint8, e - b, start + b) if e > b else np.empty(0, np.uint8)
-                    t = torch.from_numpy(raw.copy())   # a copy of its own: the map is released
+                    # a copy of its own (no view of the map outlives this line: it is released)
+                    t = torch.from_numpy(np.frombuffer(buf, np.uint8, e - b, start + b).copy()
+                                         if e > b else np.empty(0, np.uint8))
                     try:
                         t = t.view(dt).reshape(v["shape"])
                     except RuntimeError as err:
