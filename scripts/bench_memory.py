@@ -5,9 +5,9 @@ KV cache in float16 on both sides (llama.cpp's default; miaotui --kv-cache-dtype
 context of prompt + gen tokens (miaotui: max_model_len, one sequence; llama-bench:
 ``-pg PROMPT,GEN``, whose context is the same), prompts processed 512 tokens a step
 (miaotui: max_num_batched_tokens; llama.cpp: its default ubatch). Each run is a fresh
-process; its peak RSS is the kernel's (``wait4``'s ru_maxrss, what ``/usr/bin/time -v``
-prints). miaotui's run also reports its memory breakdown (miaotui/bench/memory.py), which
-is checked against its own measured peak.
+process; its peak RSS is what ``/usr/bin/time`` reports (%M, the kernel's high-water mark).
+miaotui's run also reports its memory breakdown (miaotui/bench/memory.py), which is
+checked against its own measured peak.
 
 Files: random weights of SmolLM2-135M's and TinyLlama-1.1B's shapes in F32, Q8_0 and Q4_0
 (written once by scripts/bench_cpu.py's converter, the files cpu_path.json used), and the
@@ -30,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIME = "/usr/bin/time"   # GNU time (apt package `time`)
 
 MIAOTUI_CHILD = r"""
 import json, sys
@@ -51,20 +52,17 @@ print("BREAKDOWN " + json.dumps(memory.engine_breakdown(engine).to_dict()))
 
 
 def peak_of(cmd: list[str], env: dict | None = None) -> tuple[int, str, float]:
-    """(peak RSS in bytes, stdout, seconds): the child started and reaped with wait4, whose
-    rusage is that child's alone."""
+    """(peak RSS in bytes, stdout, seconds) of a command in a fresh process, as GNU time
+    reports it (%M): the command is that small process's child, so its peak does not start
+    from this process's size (a child's ru_maxrss includes its parent's RSS at fork)."""
     import tempfile
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, etext = out.read(), err.read()
-    if p.returncode != 0:
-        raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({p.returncode}): {etext[-1500:]}")
-    return usage.ru_maxrss * 1024, text, time.perf_counter() - t0
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        p = subprocess.run([TIME, "-f", "%M", "-o", tf.name, *cmd], capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({p.returncode}): {p.stderr[-1500:]}")
+        kib = int(tf.read().strip().splitlines()[-1])
+    return kib * 1024, p.stdout, time.perf_counter() - t0
 
 
 def miaotui_run(path: str, args) -> dict:
@@ -121,6 +119,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/memory.json")
     args = ap.parse_args()
     args.kv_llama = {"fp16": "f16", "fp32": "f32"}[args.kv]
+    if not os.access(TIME, os.X_OK):
+        sys.exit(f"{TIME} (GNU time) is needed to measure peak RSS: apt-get install time")
     if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
         sys.exit(f"not an executable: {args.llama_bench}")
     results = []

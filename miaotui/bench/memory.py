@@ -13,12 +13,13 @@ The parts of a running engine's resident set (RSS):
 * KV pool: allocated, and resident: the pool is not zeroed (the kernels read only written
   slots), so only the blocks that were ever written occupy memory. Measured page by page
   with ``mincore`` on a running engine; in an estimate, the tokens asked for.
-* workspace: one engine step's activations at most (``max_num_batched_tokens`` tokens and
-  a logits row per sequence); torch's allocator reuses the freed memory step after step.
-* load transient: while loading, one tensor's file pages and its repacked copy at most
-  (loader/gguf_loader.py drops each tensor's pages once repacked).
+* workspace: one engine step's activations (the largest step run so far; at most
+  ``max_num_batched_tokens`` tokens and a logits row per sequence); the allocator reuses
+  the freed memory step after step.
+* while loading: the tensors loaded so far, plus one tensor's file pages and its copy
+  (loader/ drops each tensor's pages once it is copied), at the worst moment of the load.
 
-The predicted peak is runtime + weights + max(KV + workspace, load transient); the
+The predicted peak is runtime + max(weights + KV + workspace, the load's worst moment); the
 measured peak is the kernel's high-water mark of the RSS (VmHWM in /proc/self/status).
 """
 from __future__ import annotations
@@ -132,8 +133,10 @@ class Breakdown:
     other_weights: int      # norms, biases, rotary tables
     kv_pool: int            # KV cache allocated
     kv_resident: int        # KV cache resident (written blocks; an estimate: the tokens asked for)
-    workspace: int          # one step's activations at most
-    load_transient: int     # one tensor's file pages + its copy, while loading
+    workspace: int          # one step's activations at most (the largest step run, if any)
+    load_peak: int          # weights while loading, at the worst moment: those loaded so far,
+                            # one tensor's file pages and its copy
+    workspace_bound: int = 0      # a step of max_num_batched_tokens tokens
     peak_rss: int | None = None   # measured (VmHWM), None in an estimate
     rss: int | None = None        # measured now
 
@@ -145,7 +148,7 @@ class Breakdown:
     @property
     def predicted_peak(self) -> int:
         resident = self.runtime + self.weights + self.embedding + self.other_weights
-        return resident + max(self.kv_resident + self.workspace, self.load_transient)
+        return self.runtime + max(resident - self.runtime + self.kv_resident + self.workspace, self.load_peak)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -163,8 +166,9 @@ class Breakdown:
                f"  embedding (as stored)               {f(self.embedding):>10}",
                f"  norms, biases, rotary tables        {f(self.other_weights):>10}",
                f"  KV cache                            {f(self.kv_resident):>10}   (pool {f(self.kv_pool)} allocated)",
-               f"  workspace (one step)                {f(self.workspace):>10}",
-               f"  load transient                      {f(self.load_transient):>10}   (while loading only)",
+               f"  workspace (one step)                {f(self.workspace):>10}   "
+               f"(at most {f(max(self.workspace_bound, self.workspace))}: max_num_batched_tokens)",
+               f"  while loading, at most              {f(self.load_peak):>10}   (weights so far + one tensor's file pages)",
                f"  predicted peak                      {f(self.predicted_peak):>10}"]
         if self.peak_rss:
             out.append(f"  measured peak RSS (VmHWM)           {f(self.peak_rss):>10}   "
@@ -200,6 +204,7 @@ class WeightSizes:
     other: int           # vectors: norms, biases
     stored: int          # what the file stores for the matmul weights (head included)
     largest: int         # the largest tensor as held
+    load_peak: int       # the worst moment of the load: tensors held so far + one tensor's pages and copies
 
 
 def gguf_weight_sizes(path: str) -> WeightSizes:
@@ -209,7 +214,8 @@ def gguf_weight_sizes(path: str) -> WeightSizes:
     from miaotui.loader.gguf_loader import load_gguf
     infos = load_gguf(path)._infos.values()
     tied = not any(t.name == "output.weight" for t in infos)
-    sizes = dict(layers=0, head=0, embed=0, other=0, stored=0, largest=0)
+    sizes = dict(layers=0, head=0, embed=0, other=0, stored=0, largest=0, load_peak=0)
+    held_so_far = 0
     for t in infos:
         name, q = t.name, t.qtype.name
         n = _numel(t.shape)
@@ -226,6 +232,9 @@ def gguf_weight_sizes(path: str) -> WeightSizes:
             held = 4 * n
             sizes["other"] += held
         sizes["largest"] = max(sizes["largest"], held)
+        # file pages (whole 2 MiB folios) + the copy beside what is held already
+        sizes["load_peak"] = max(sizes["load_peak"], held_so_far + held + t.nbytes + (4 << 20))
+        held_so_far += held
     return WeightSizes(**sizes)
 
 
@@ -238,8 +247,9 @@ def hf_weight_sizes(path: str, cfg, quantization: str | None = None, dtype: str 
     fmt = weight_format(quantization if quantization in ("int8", "int4") else None, dtype)
     head_fmt = weight_format("int8") if quantization in ("int8", "int4") else fmt
     tied = cfg.tie_word_embeddings
-    sizes = dict(layers=0, head=0, embed=0, other=0, stored=0, largest=0)
-    for name, (dt, shape, nbytes) in info.items():
+    sizes = dict(layers=0, head=0, embed=0, other=0, stored=0, largest=0, load_peak=0)
+    held_so_far = 0
+    for name, (dt, shape, nbytes, _) in sorted(info.items(), key=lambda kv: kv[1][3]):   # file order
         if "embed_tokens" in name or name.endswith("wte.weight"):
             held = _numel(shape) * (4 if tied or dt not in ("F16", "BF16") else 2)
             sizes["embed"] += held
@@ -251,6 +261,9 @@ def hf_weight_sizes(path: str, cfg, quantization: str | None = None, dtype: str 
             held = 4 * _numel(shape)
             sizes["other"] += held
         sizes["largest"] = max(sizes["largest"], held)
+        # file pages + the tensor read from them + what it is converted into
+        sizes["load_peak"] = max(sizes["load_peak"], held_so_far + held + 2 * nbytes + (4 << 20))
+        held_so_far += held
     if tied and quantization in ("int8", "int4"):   # the tied head gets its own int8 copy
         sizes["head"] = head_fmt.nbytes(cfg.vocab_size, cfg.hidden_size)
     return WeightSizes(**sizes)
@@ -304,18 +317,20 @@ def engine_breakdown(engine) -> Breakdown:
     kv_pool = sum(t.untyped_storage().nbytes() for t in kv_tensors)
     kv_res = sum(resident_bytes(t) for t in kv_tensors)
     step = min(ec.max_num_batched_tokens, engine.max_model_len)
-    ws = workspace_bytes(cfg, step, min(ec.max_num_seqs, step))
+    bound = workspace_bytes(cfg, step, min(ec.max_num_seqs, step))
+    stats = getattr(engine, "stats", {})
+    ws = (workspace_bytes(cfg, stats["max_step_tokens"], stats["max_step_seqs"])
+          if stats.get("max_step_tokens") else bound)   # the largest step run so far
     st = proc_status()
     try:
         file = weight_sizes(engine.model_path, cfg, None)
-        stored, largest = file.stored, file.largest
+        stored, load_peak = file.stored, file.load_peak
     except (MiaotuiError, OSError, ValueError, KeyError):
-        stored = largest = 0
+        stored = load_peak = 0
     return Breakdown(runtime=getattr(engine, "rss_before_weights", 0), weights_stored=stored,
                      weights=parts["weights"], embedding=parts["embedding"], other_weights=parts["other"],
-                     kv_pool=kv_pool,
-                     kv_resident=kv_res, workspace=ws, load_transient=2 * largest,
-                     peak_rss=st.get("VmHWM"), rss=st.get("VmRSS"))
+                     kv_pool=kv_pool, kv_resident=kv_res, workspace=ws, workspace_bound=bound,
+                     load_peak=load_peak, peak_rss=st.get("VmHWM"), rss=st.get("VmRSS"))
 
 
 def _numel(shape) -> int:
@@ -338,7 +353,8 @@ def estimate_breakdown(path: str, cfg, quantization: str | None, kv_per_token: i
     return Breakdown(runtime=current_rss() if runtime is None else runtime, weights_stored=w.stored,
                      weights=w.layers + w.head, embedding=w.embed, other_weights=w.other + rotary,
                      kv_pool=kv_pool_tokens * kv_per_token, kv_resident=kv_tokens * kv_per_token,
-                     workspace=workspace_bytes(cfg, step_tokens, logit_rows), load_transient=2 * w.largest)
+                     workspace=workspace_bytes(cfg, step_tokens, logit_rows), load_peak=w.load_peak,
+                     workspace_bound=workspace_bytes(cfg, step_tokens, logit_rows))
 
 
 # ---- a budget -----------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ class LLMEngine:
                                   dtype=dtype)
         self.requests: dict[str, _Request] = {}
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
-                      "generated_tokens": 0, "steps": 0}
+                      "generated_tokens": 0, "steps": 0, "max_step_tokens": 0, "max_step_seqs": 0}
 
     def _budget_blocks(self, per_token: int) -> int:
         """KV blocks that memory_budget leaves after the runtime, the weights and a step."""
@@ -230,6 +230,9 @@ class LLMEngine:
         t0 = time.monotonic()
         tokens = self.runner.run(batch)
         self.stats["steps"] += 1
+        st = self.stats   # the largest step so far: what the workspace has held (bench/memory.py)
+        st["max_step_tokens"] = max(st["max_step_tokens"], sum(n for _, n in batch))
+        st["max_step_seqs"] = max(st["max_step_seqs"], len(batch))
         touched: dict[str, _Request] = {}
         now = time.monotonic()
         for seq, n in batch:

@@ -60,14 +60,16 @@ class HFCheckpoint:
                 "safe_serialization=True)")
         raise MiaotuiError(f"{self.path} has no *.safetensors weights")
 
-    def tensor_info(self) -> dict[str, tuple[str, tuple, int]]:
-        """name -> (safetensors dtype, shape, bytes) of every tensor, from the files' headers."""
+    def tensor_info(self) -> dict[str, tuple[str, tuple, int, tuple]]:
+        """name -> (safetensors dtype, shape, bytes, (file index, offset)) of every tensor,
+        from the files' headers."""
         out = {}
-        for file in self.files:
+        for i, file in enumerate(self.files):
             with open(file, "rb") as f:
                 header, _ = _read_header(f, file)
             for k, v in header.items():
-                out[k] = (v["dtype"], tuple(v["shape"]), v["data_offsets"][1] - v["data_offsets"][0])
+                b, e = v["data_offsets"]
+                out[k] = (v["dtype"], tuple(v["shape"]), e - b, (i, b))
         return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
