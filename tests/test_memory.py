@@ -216,3 +216,48 @@ def test_cli_memory_budget(tiny_llama_dir, capsys):
     budget = str(memory.current_rss() + (256 << 20))
     assert main(["generate", "--model", tiny_llama_dir[0], "--memory-budget", budget, "--raw", "hi",
                  "--max-tokens", "2"]) == 0
+
+
+def test_untied_gguf_embedding_is_read_from_the_file(medium_llama):
+    """An untied GGUF embedding holds no table: its rows come from the file on lookup, the
+    very values of the held (dequantized) table, and the fused decoder still works."""
+    from miaotui.layers.quant import dequantize_gguf
+    from miaotui.loader import build_model, open_checkpoint
+    for qt in ("F32", "Q8_0"):
+        ck = open_checkpoint(medium_llama[qt])
+        t = ck._infos["token_embd.weight"]
+        ref = dequantize_gguf(np.array(ck._stored(t)), t.qtype, t.shape)
+        model = build_model(ck)
+        emb = model.embed_tokens
+        assert emb.file is not None and emb.nbytes() == 0
+        assert model.lm_head.weight is not None or model.lm_head.qweight is not None   # its own
+        ids = torch.tensor([[5, 8191], [0, 5]])
+        assert torch.equal(model.embed(ids), ref[ids])
+        assert torch.equal(emb.dense(), ref)
+        with pytest.raises(IndexError):
+            emb(torch.tensor([8192]))
+    held = Embedding(8192, 384)   # the same table held, for comparison
+    ck = open_checkpoint(medium_llama["Q8_0"])
+    raw = dict(ck.raw_tensors())["model.embed_tokens.weight"]
+    held.load(raw, from_file=False)
+    assert held.nbytes() > 0 and torch.equal(held(ids), model.embed(ids))
+
+
+def test_untied_gguf_generation_matches_held_embedding(medium_llama):
+    """Greedy tokens through the engine (prefill and fused decode) are the same whether the
+    embedding rows come from the file or from a held table."""
+    from miaotui import LLM, SamplingParams
+    llm = LLM(medium_llama["Q8_0"], max_model_len=64, max_num_seqs=1)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a = llm.generate([[300, 301, 302, 303]], params)[0].outputs[0].token_ids
+    emb = llm.engine.model.embed_tokens
+    assert emb.file is not None
+    emb.load(emb_raw(medium_llama["Q8_0"]), from_file=False)
+    assert emb.file is None
+    b = llm.generate([[300, 301, 302, 303]], params)[0].outputs[0].token_ids
+    assert a == b
+
+
+def emb_raw(path):
+    from miaotui.loader import open_checkpoint
+    return dict(open_checkpoint(path).raw_tensors())["model.embed_tokens.weight"]

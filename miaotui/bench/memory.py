@@ -8,7 +8,8 @@ The parts of a running engine's resident set (RSS):
 * weights: the matmul weights as the engine holds them (GGUF blocks repacked, see
   layers/quant.py; float weights as float32), and beside them what the file stores for
   them, so that a repacking that grows a format (K-quants, F16 widened to float32) shows.
-* embedding: the token embedding as stored (layers/embedding.py); a tied head shares it.
+* embedding: the token embedding as stored (layers/embedding.py); a tied head shares it;
+  an untied GGUF table is not held (rows are read from the file on lookup).
 * other weights: norms, biases, rotary tables.
 * KV pool: allocated, and resident: the pool is not zeroed (the kernels read only written
   slots), so only the blocks that were ever written occupy memory. Measured page by page
@@ -219,9 +220,11 @@ def gguf_weight_sizes(path: str) -> WeightSizes:
     for t in infos:
         name, q = t.name, t.qtype.name
         n = _numel(t.shape)
-        if name == "token_embd.weight":
+        if name == "token_embd.weight" and not tied:
+            held = 0   # rows read from the file on lookup (layers/embedding.py)
+        elif name == "token_embd.weight":
             held = (n // gguf.GGML_QUANT_SIZES[t.qtype][0] * REPACKED_BLOCK_BYTES[q] if q in REPACKED_BLOCK_BYTES
-                    else n * (4 if tied else _FLOAT_BYTES[q]))   # tied float: widened, shared with the head
+                    else n * 4)   # a float table: widened, shared with the head
             sizes["embed"] += held
         elif len(t.shape) == 2 and name != "position_embd.weight":
             held = (n // gguf.GGML_QUANT_SIZES[t.qtype][0] * REPACKED_BLOCK_BYTES[q]

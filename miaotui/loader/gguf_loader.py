@@ -56,6 +56,8 @@ class GGUFRaw(NamedTuple):
     qtype: QT
     shape: tuple
     hf_transposed: bool = False
+    source: tuple | None = None   # (file path, byte offset) of data as stored, when it is
+                                  # exactly the file's bytes (not un-permuted or shifted)
 
 
 class _TensorInfo(NamedTuple):
@@ -509,10 +511,12 @@ class GGUFCheckpoint:
         from memory (``release_pages``).
         """
         for t in self._infos.values():
-            data, qtype = self._rows_fixed(t, self._stored(t)), t.qtype
+            stored = self._stored(t)
+            data, qtype = self._rows_fixed(t, stored), t.qtype
             if self._is_gemma_norm(t):
                 data, qtype = self._dequant(t) - np.float32(1.0), QT.F32
-            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t))
+            source = (self.path, t.offset) if data is stored else None
+            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t), source)
             release_pages(self._buf, t.offset, t.nbytes)
 
 

@@ -6,6 +6,7 @@ sequences of the step; attention metadata says which tokens belong together.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -27,14 +28,19 @@ def load_linear(layer: Linear, w, shard: int = 0, is_bias: bool = False) -> None
         layer.load_bias(_dense(w), shard)
     elif hasattr(w, "qtype") and getattr(w.qtype, "name", "") not in ("F32", "F16", "BF16"):
         layer.load_raw(w, shard)
-    else:
-        layer.load(_dense(w), shard)
+    else:   # Linear.load copies into its own weight: read straight from the file's map
+        layer.load(_dense(w, copy=False), shard)
 
 
-def _dense(w) -> torch.Tensor:
-    """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape)."""
+def _dense(w, copy: bool = True) -> torch.Tensor:
+    """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape); with
+    copy=False an F32 tensor may be a read-only view of the file's map."""
     if isinstance(w, torch.Tensor):
         return w
+    if w.qtype.name == "F32" and not copy:
+        with warnings.catch_warnings():   # read-only: the caller copies it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.asarray(w.data, dtype=np.float32)).reshape(w.shape)
     if w.qtype.name in ("F32", "F16"):
         return torch.from_numpy(np.array(w.data, dtype=np.float32)).reshape(w.shape)  # a writable copy
     from miaotui.layers.quant import dequantize_gguf
@@ -135,8 +141,8 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "embed_tokens.weight":
-                self.embed_tokens.load(w)
+            if name == "embed_tokens.weight":   # untied: rows read from the file on lookup
+                self.embed_tokens.load(w, from_file=not self.cfg.tie_word_embeddings)
             elif name == "lm_head.weight":
                 lm_head_seen = True
                 load_linear(self.lm_head, w)
