@@ -74,6 +74,14 @@ DTYPE_CHOICES = ["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16
 KV_DTYPE_CHOICES = ["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "int8"]
 
 
+def _size(text: str) -> int:
+    from miaotui.bench.memory import parse_bytes
+    try:
+        return parse_bytes(text)
+    except MiaotuiError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
@@ -86,6 +94,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=positive, default=None,
                    help="KV cache size: bytes, or a fraction (< 1) of available memory (default: "
                         "room for min(max-num-seqs, 4) x max-model-len tokens, at most 1/4 of available)")
+    g.add_argument("--memory-budget", type=_size, default=None, metavar="BYTES",
+                   help="fit the process in this much memory (e.g. 1GiB, 800M): the KV cache gets "
+                        "what the runtime, weights and workspace leave (replaces --kv-cache-memory)")
     g.add_argument("--max-model-len", type=at_least(1), default=None,
                    help="context window in tokens (default: the model's, at most 4096)")
     g.add_argument("--max-num-seqs", type=at_least(1), default=None,
@@ -159,12 +170,14 @@ def engine_kwargs(args) -> dict:
               tensor_parallel_size=args.tensor_parallel_size, dist_addr=args.dist_addr,
               dist_port=args.dist_port, dist_timeout=args.dist_timeout)
     # unset: EngineConfig's defaults (sized from the model)
-    for name in ("kv_cache_memory", "max_num_seqs", "chat_template", "max_decode_delay"):
+    for name in ("kv_cache_memory", "memory_budget", "max_num_seqs", "chat_template", "max_decode_delay"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     spec = speculative_config(args)
     if spec is not None:
         kw["speculative"] = spec
+    if "memory_budget" in kw:   # the budget sizes the KV pool (over a command's default pool)
+        kw.pop("kv_cache_memory", None)
     return kw
 
 

@@ -55,16 +55,6 @@ def _finish(result: dict, args) -> None:
         report.plot(result, args.plot)
 
 
-def _bytes(text: str) -> float:
-    """'8G', '512M', '1.5e9' -> bytes."""
-    text = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
-    try:
-        return float(text[:-1] if mult > 1 else text) * mult
-    except ValueError:
-        raise MiaotuiError(f"bad size {text!r} (examples: 8G, 512M, 1e9)") from None
-
-
 def _config(args, skip=("func",)) -> dict:
     return {k: v for k, v in vars(args).items() if k not in skip and not callable(v)}
 
@@ -77,6 +67,10 @@ def cmd_latency(args) -> None:
     res = run_latency(engine, args.prompt_len, args.output_len, args.repeats, args.warmup,
                       args.seed, _machine(args))
     print_latency(res, args.prompt_len, args.output_len)
+    from miaotui.bench.memory import engine_breakdown
+    mem = engine_breakdown(engine)
+    print(mem.describe())
+    res["results"]["memory"] = mem.to_dict()
     cfg = {**_config(args), "model_path": engine.model_path}
     result = make_result("latency", cfg, res["results"], res["roofline"])
     _spec_stats(engine, result)
@@ -242,14 +236,17 @@ def cmd_estimate(args) -> None:
         out[label.strip()] = {"flops": c.flops, "bytes": c.bytes, "time_s": t, "tok_s": toks / t,
                               "bound": machine.bound(c)}
     print(table(rows, ["", "GFLOP", "MB moved", "FLOP/B", "predicted ms", "bound", "tok/s"]))
-    budget = _bytes(args.memory_budget) if args.memory_budget else psutil.virtual_memory().available
-    fp = cost.footprint(B, ctx, args.max_num_batched_tokens)
-    fits = cost.max_batch(budget, ctx, args.max_num_batched_tokens)
-    print(f"memory, batch {B} x {ctx} tokens: weights {fp['weights'] / MB:.0f} MB + KV {fp['kv_cache'] / MB:.0f} MB"
-          f" + activations {fp['activations'] / MB:.0f} MB + runtime {fp['runtime'] / MB:.0f} MB"
-          f" = {fp['total'] / G:.2f} GB")
+    from miaotui.bench.memory import workspace_bytes
+    mem = _estimate_memory(args, cost, path, B, ctx)
+    budget = args.memory_budget or psutil.virtual_memory().available
+    per_seq = ctx * cost.kv_per_token + 4 * cfg.vocab_size    # its KV and a logits row
+    step = min(args.max_num_batched_tokens, B * ctx)
+    fixed = mem.runtime + mem.weights + mem.embedding + mem.other_weights + workspace_bytes(cfg, step, 0)
+    fits = max(0, int((budget - fixed) // per_seq))
+    print(f"memory, batch {B} x {ctx} tokens (predicted; `miaotui bench latency` measures it):")
+    print("\n".join(mem.lines()))
     print(f"largest batch of {ctx}-token sequences in {budget / G:.1f} GB: {fits}")
-    results = {"costs": out, "footprint": fp, "max_batch": fits, "budget_bytes": budget,
+    results = {"costs": out, "memory": mem.to_dict(), "max_batch": fits, "budget_bytes": budget,
                "weight_bytes": cost.weight_memory(), "kv_bytes_per_token": cost.kv_per_token}
     results.update(_scale_out(args, cost, machine, P, B, ctx))
     from miaotui.bench import report
@@ -294,6 +291,20 @@ def _scale_out(args, cost, machine, P: int, B: int, ctx: int) -> dict:
                     ["model", "hardware", "TP", "DP", "GB/rank", "step ms", "comm ms", "tok/s", "fits"]))
         out["scaling_predictions"] = rows
     return out
+def _estimate_memory(args, cost, path: str, batch: int, ctx: int):
+    """The memory breakdown an engine with these settings would have, without loading it."""
+    from miaotui.bench.memory import estimate_breakdown
+    from miaotui.engine.llm_engine import DEFAULT_KV_SEQS, DEFAULT_MAX_MODEL_LEN
+    from miaotui.loader import load_tokenizer, open_checkpoint
+    cfg = cost.cfg
+    load_tokenizer(open_checkpoint(path))   # part of the runtime, as in an engine
+    max_len = min(args.max_model_len or DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
+    pool = (int(args.kv_cache_memory // cost.kv_per_token) if args.kv_cache_memory and args.kv_cache_memory >= 1
+            else max(batch * ctx, min(batch, DEFAULT_KV_SEQS) * max_len))
+    step = min(args.max_num_batched_tokens, batch * ctx)
+    quant = None if args.quantization == "gguf" else args.quantization
+    return estimate_breakdown(path, cfg, quant, int(cost.kv_per_token), batch * ctx, pool, step,
+                              min(batch, step), dtype=args.dtype)
 
 
 # ---- perplexity -------------------------------------------------------------------------
@@ -388,7 +399,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-len", type=at_least(1), default=128)
     p.add_argument("--context", type=at_least(1), default=None, help="decode context (default prompt + output/2)")
     p.add_argument("--batch", type=at_least(1), default=32)
-    p.add_argument("--memory-budget", default=None, help="e.g. 8G (default: available memory)")
     p.add_argument("--calibrate", action="store_true", help="re-measure this machine first")
     p.add_argument("--output", "-o", default=None)
     g = p.add_argument_group("scale-out (predicted; --tp N is --tensor-parallel-size)")

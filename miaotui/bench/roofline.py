@@ -133,33 +133,32 @@ class CostModel:
                 return m.qweight.nbytes()
             return m.weight.numel() * m.weight.element_size()
 
+        from miaotui.layers.embedding import Embedding
         head = model.lm_head
         layers = sum(size(m) for m in model.modules() if isinstance(m, Linear) and m is not head)
-        embed = [p for p in model.parameters(recurse=False)
-                 if p.dim() == 2 and p.shape[0] == cfg.vocab_size]
-        embed_bytes = sum(p.numel() * p.element_size() for p in embed)
-        shared = head.qweight is None and any(head.weight.data_ptr() == p.data_ptr() for p in embed)
+        emb = next((m for m in model.modules() if isinstance(m, Embedding)), None)
+        if emb is not None:
+            embed_bytes = emb.nbytes()
+            shared = (head.qweight is not None and head.qweight is emb.qweight) or (
+                head.qweight is None and emb.weight is not None and head.weight.data_ptr() == emb.weight.data_ptr())
+        else:   # GPT-2: a plain parameter
+            embed = [p for p in model.parameters(recurse=False)
+                     if p.dim() == 2 and p.shape[0] == cfg.vocab_size]
+            embed_bytes = sum(p.numel() * p.element_size() for p in embed)
+            shared = head.qweight is None and any(head.weight.data_ptr() == p.data_ptr() for p in embed)
         kinds = sorted({type(m.qweight).__name__ if m.qweight is not None else str(m.weight.dtype)[6:]
                         for m in model.modules() if isinstance(m, Linear)})
         return cls(cfg, layers, size(head), embed_bytes, shared, kv_per_token, "+".join(kinds))
 
     @classmethod
     def from_gguf(cls, path: str, cfg: ModelConfig, kv_per_token: float) -> "CostModel":
-        """Sizes as the engine holds a GGUF file: block-quantized tensors as stored (exact
-        for Q8_0/Q4_0/Q4_1; K-quants grow a little when repacked), float ones as float32.
-        The embedding table is float32; a tied head reads its own (quantized) copy."""
-        from gguf import GGUFReader
-        float_types = ("F32", "F16", "BF16")
-
-        def size(t) -> int:
-            return int(t.n_elements) * 4 if t.tensor_type.name in float_types else int(t.n_bytes)
-
-        tensors = {t.name: t for t in GGUFReader(path).tensors}
-        layers = sum(size(t) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2)
-        head = tensors.get("output.weight", tensors.get("token_embd.weight"))
-        embed = cfg.vocab_size * cfg.hidden_size * 4
-        return cls(cfg, layers, size(head) if head is not None else embed, embed, False,
-                   kv_per_token, "gguf")
+        """Sizes as the engine holds a GGUF file (``memory.gguf_weight_sizes``): block-
+        quantized tensors as repacked (as stored for Q8_0/Q4_0/Q4_1; K-quants grow a little),
+        float matmul weights as float32; the embedding as stored, shared with a tied head."""
+        from miaotui.bench.memory import gguf_weight_sizes
+        w = gguf_weight_sizes(path)
+        tied = w.head == 0
+        return cls(cfg, w.layers, w.embed if tied else w.head, w.embed, tied, kv_per_token, "gguf")
 
     # ---- sizes ---------------------------------------------------------------------------
     def weight_memory(self) -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 import torch.distributed as dist
 import torch.nn.functional as F
 
@@ -148,8 +149,10 @@ def shard_model(model, group: TPGroup) -> None:
         w = getattr(model, embed_name)
         local = ids - v0
         inside = (local >= 0) & (local < v1 - v0)
-        x = F.embedding(torch.where(inside, local, 0), w) * inside.unsqueeze(-1).to(w.dtype)
-        return group.all_reduce(x)
+        local = torch.where(inside, local, 0)
+        # a layers.embedding.Embedding (its rows as float32), or GPT-2's plain table
+        rows = w(local) if isinstance(w, nn.Module) else F.embedding(local, w).float()
+        return group.all_reduce(rows * inside.unsqueeze(-1).to(rows.dtype))
     model.embed = embed
 
 
@@ -160,9 +163,13 @@ def finish_shard(model) -> None:
     tp = model.tp
     v0, v1 = tp.vocab
     w = getattr(model, tp.embed_name)
-    full = w.data
-    if full.shape[0] != v1 - v0:
-        w.data = full[v0:v1].clone()
+    if isinstance(w, nn.Module):   # layers.embedding.Embedding: this rank's rows, dense
+        if w.num_embeddings != v1 - v0:
+            rows = w.dense()[v0:v1].clone()
+            w.num_embeddings = v1 - v0
+            w.load(rows)
+    elif w.data.shape[0] != v1 - v0:
+        w.data = w.data[v0:v1].clone()
     head = model.lm_head
     if head.weight is not None and head.weight.shape[0] != v1 - v0:
         head.weight.data = head.weight.data[v0:v1].clone()

@@ -43,6 +43,10 @@ class EngineConfig:
     # sequences share it; when it runs out the newest is preempted). Given: exactly this
     # many bytes, or this fraction (< 1) of available memory.
     kv_cache_memory: float | None = None
+    # The whole process in this many bytes (int, or text: "1GiB", "800M"): the runtime
+    # (measured), the weights and one step's workspace come first, the KV pool gets the rest
+    # (at least one max_model_len sequence, else an error). Excludes kv_cache_memory.
+    memory_budget: float | str | None = None
     block_size: int = 16
     max_num_seqs: int = 64               # sequences scheduled together; CLI generate/chat: 1
     max_num_batched_tokens: int = 2048
@@ -135,6 +139,8 @@ class LLMEngine:
         self.model_path = ckpt.path
         self.model_config = cfg = ckpt.config
         self.tokenizer = load_tokenizer(ckpt, config.chat_template)
+        from miaotui.bench import memory   # the breakdown's runtime: torch, Python, tokenizer
+        self.rss_before_weights = memory.current_rss()
         dtype = DTYPES[config.dtype]
         quant = None if config.quantization == "gguf" else config.quantization
         self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
@@ -145,7 +151,10 @@ class LLMEngine:
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         kv_dtype = KV_DTYPES[config.kv_cache_dtype] or (dtype if dtype != torch.bfloat16 else torch.float32)
         per_token = ModelRunner.kv_bytes_per_token(cfg, kv_dtype)
-        num_blocks = kv_pool_blocks(config, self.max_model_len, per_token)
+        if config.memory_budget is not None:
+            num_blocks = self._budget_blocks(per_token)
+        else:
+            num_blocks = kv_pool_blocks(config, self.max_model_len, per_token)
         if num_blocks < 1:
             raise MiaotuiError(f"kv_cache_memory {config.kv_cache_memory} is too small for one block")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -160,13 +169,33 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._grammars = None
         self.stats = {"prompt_tokens": 0, "computed_prefill_tokens": 0, "cached_prompt_tokens": 0,
-                      "generated_tokens": 0, "steps": 0}
+                      "generated_tokens": 0, "steps": 0, "max_step_tokens": 0, "max_step_seqs": 0}
         self.speculator = None
         spec = SpeculativeConfig.parse(config.speculative)
         if spec is not None:
             self.speculator = speculative.build(spec, self)
             self.runner.verifier = speculative.Verifier(self.eos_ids)
             self.scheduler.on_finish = self.speculator.release
+
+    def _budget_blocks(self, per_token: int) -> int:
+        """KV blocks that memory_budget leaves after the runtime, the weights and a step."""
+        from miaotui.bench import memory
+        c = self.config
+        if c.kv_cache_memory is not None:
+            raise MiaotuiError("give memory_budget or kv_cache_memory, not both")
+        budget = memory.parse_bytes(c.memory_budget)
+        weights = sum(memory.model_bytes(self.model).values())
+        step = min(c.max_num_batched_tokens, self.max_model_len)
+        work = memory.workspace_bytes(self.model_config, step, min(c.max_num_seqs, step))
+        left = memory.kv_budget(budget, self.rss_before_weights, weights, work)
+        need = self.max_model_len * per_token
+        if left < need:
+            f = memory.fmt_bytes
+            raise MiaotuiError(
+                f"memory budget {f(budget)} is too small: runtime {f(self.rss_before_weights)} + weights "
+                f"{f(weights)} + workspace {f(work)} leave {f(max(left, 0))} for the KV cache, but one "
+                f"{self.max_model_len}-token sequence needs {f(need)}; raise the budget or lower max_model_len")
+        return int(left // (per_token * c.block_size))
 
     # ---- requests -----------------------------------------------------------------------
     def check_request(self, prompt: str | list[int], params: SamplingParams
@@ -253,6 +282,9 @@ class LLMEngine:
             batch = spec.propose(batch)
         tokens = self.runner.run(batch)
         self.stats["steps"] += 1
+        st = self.stats   # the largest step so far: what the workspace has held (bench/memory.py)
+        st["max_step_tokens"] = max(st["max_step_tokens"], sum(n for _, n in batch))
+        st["max_step_seqs"] = max(st["max_step_seqs"], len(batch))
         touched: dict[str, _Request] = {}
         done = []   # (sequence, tokens it computed) for the scheduler's step-time model
         now = time.monotonic()

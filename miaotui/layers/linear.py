@@ -97,20 +97,22 @@ class Linear(nn.Module):
         self.bias.data[self._rows(shard)] = self._tp_slice(b, shard, cols=False).to(self.bias.dtype)
 
     def load_raw(self, raw, shard: int = 0) -> None:
-        """Keep a GGUF-quantized shard quantized; merged in `finish_raw`."""
-        if self.tp_rows is not None or self.tp_cols is not None:
+        """Keep a GGUF-quantized shard quantized: repacked now into memory of its own (the
+        raw data may be a view of the file's map, released after this call); the shards are
+        merged in `finish_raw`."""
+        from miaotui.layers.quant import from_gguf
+        if self.tp_rows is not None or self.tp_cols is not None:   # tensor parallel: this rank's part
             from miaotui.distributed.tp import slice_raw
             raw = slice_raw(raw, None if self.tp_rows is None else self.tp_rows[shard], self.tp_cols)
-        self._raw_parts[shard] = raw
+        self._raw_parts[shard] = from_gguf(raw.data, raw.qtype, raw.shape)
 
     def finish_raw(self) -> None:
         if not self._raw_parts:
             return
-        from miaotui.layers.quant import from_gguf
         parts = [self._raw_parts[i] for i in range(len(self.output_sizes))]
-        self.qweight = concat_rows([from_gguf(p.data, p.qtype, p.shape) for p in parts])
-        self.weight = None
         self._raw_parts = {}
+        self.qweight = concat_rows(parts)
+        self.weight = None
 
     def quantize(self, method: str, group_size: int = 32) -> None:
         from miaotui.layers import quant

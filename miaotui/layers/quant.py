@@ -97,8 +97,8 @@ class QuantWeight:
             raise ValueError(f"inconsistent {type(self).__name__}: q {tuple(q.shape)}, scale "
                              f"{tuple(scale.shape)}, block {block_size}, in {in_features}")
 
-    # subclasses: the integer values [rows, padded_in] of rows n0..n1, offset already taken
-    def _ints(self, n0: int, n1: int) -> torch.Tensor:
+    # subclasses: the integer values [rows, padded_in] of stored rows q, offset already taken
+    def _ints(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
@@ -114,14 +114,29 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.q, self.scale, self.min)
                    if t is not None)
 
-    def _dequant_rows(self, n0: int, n1: int) -> torch.Tensor:
-        """Rows n0..n1 as float32 [rows, padded_in]: scale * q (+ min), in PyTorch."""
-        rows, nblk = n1 - n0, self.scale.shape[1]
-        v = self._ints(n0, n1).view(rows, nblk, -1).float()
-        w = v * self.scale[n0:n1, :, None].float()  # a multiply, then an add: as gguf does
-        if self.min is not None:
-            w = w + self.min[n0:n1, :, None].float()
+    def _values(self, q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor | None) -> torch.Tensor:
+        """Stored rows (q, their scales and mins) as float32 [rows, padded_in]: scale * q (+ min)."""
+        rows, nblk = q.shape[0], scale.shape[1]
+        v = self._ints(q).view(rows, nblk, -1).float()
+        w = v * scale[:, :, None].float()  # a multiply, then an add: as gguf does
+        if mn is not None:
+            w = w + mn[:, :, None].float()
         return w.view(rows, self.padded_in)
+
+    def _dequant_rows(self, n0: int, n1: int) -> torch.Tensor:
+        """Rows n0..n1 as float32 [rows, padded_in], in PyTorch."""
+        return self._values(self.q[n0:n1], self.scale[n0:n1],
+                            None if self.min is None else self.min[n0:n1])
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (any shape) as float32 [*ids.shape, in_features]: bit-identical to
+        ``dequantize()[ids]``, touching only those rows (an embedding lookup)."""
+        flat = ids.reshape(-1)
+        pick = lambda t: None if t is None else t.index_select(0, flat)  # noqa: E731
+        w = self._values(pick(self.q), pick(self.scale), pick(self.min))
+        if self.padded_in != self.in_features:
+            w = w[:, :self.in_features]
+        return w.reshape(*ids.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [out_features, in_features] (the C++ kernel gives the same
@@ -185,8 +200,8 @@ class Int8Weight(QuantWeight):
 
     bits = 8
 
-    def _ints(self, n0: int, n1: int) -> torch.Tensor:
-        return self.q[n0:n1]
+    def _ints(self, q: torch.Tensor) -> torch.Tensor:
+        return q
 
 
 class Int4Weight(QuantWeight):
@@ -194,8 +209,8 @@ class Int4Weight(QuantWeight):
 
     bits = 4
 
-    def _ints(self, n0: int, n1: int) -> torch.Tensor:
-        v = _unpack_int4(self.q[n0:n1]).view(torch.int8)
+    def _ints(self, q: torch.Tensor) -> torch.Tensor:
+        v = _unpack_int4(q).view(torch.int8)
         return v - 8 if self.min is None else v
 
 
@@ -404,9 +419,16 @@ def _raw_blocks(data: np.ndarray, qtype, shape: tuple[int, int]) -> tuple[torch.
 
 def from_gguf(data: np.ndarray, qtype, shape: tuple[int, int]) -> QuantWeight:
     """A GGUF tensor (raw data as gguf.GGUFReader gives it, rows = out_features) kept
-    quantized: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q8_K."""
+    quantized: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q8_K. The result owns its
+    memory: nothing in it points into ``data`` (often a view of a file's map)."""
     blk, n, k = _raw_blocks(data, qtype, shape)
-    return _repack(_gguf().GGMLQuantizationType(qtype), blk, n, k)
+    w = _repack(_gguf().GGMLQuantizationType(qtype), blk, n, k)
+    src = blk.untyped_storage().data_ptr()
+    for name in ("q", "scale", "min"):
+        t = getattr(w, name)
+        if t is not None and t.untyped_storage().data_ptr() == src:
+            setattr(w, name, t.clone())   # a view of the blocks (e.g. one block per row)
+    return w
 
 
 def dequantize_gguf(data: np.ndarray, qtype, shape: tuple[int, int], keep_16bit: bool = False) -> torch.Tensor:

@@ -111,8 +111,10 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
         from miaotui.distributed.tp import finish_shard
         finish_shard(model)
     if dtype != torch.float32:
-        for m in model.modules():
-            if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and getattr(m, "qweight", None) is None:
+        from miaotui.layers.embedding import Embedding
+        for m in model.modules():   # embeddings stay as stored (rows widened to float32)
+            if (getattr(m, "weight", None) is not None and m.weight.dim() == 2
+                    and getattr(m, "qweight", None) is None and not isinstance(m, Embedding)):
                 m.weight.data = m.weight.data.to(dtype)
     pruning = getattr(ckpt, "hf_config", {}).get("pruning") or {}
     if pruning.get("pattern") == "2:4" and quantization in (None, "none", "int8"):
@@ -125,6 +127,8 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
             if isinstance(m, Linear):   # the output head keeps 8 bits: it is most sensitive
                 m.quantize("int8" if m is model.lm_head else quantization, group_size)
     model.load_seconds = time.perf_counter() - t0
+    from miaotui.bench.memory import return_freed_memory
+    return_freed_memory()   # the load's temporaries: not resident beside the model
     return model.eval()
 
 

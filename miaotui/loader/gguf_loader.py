@@ -14,6 +14,12 @@ Conventions of llama.cpp's converter that are undone here, so tensors carry tran
   ``[out, in]`` rows; ``tensors()`` transposes them back, ``raw_tensors()`` keeps the rows.
 * llama3 rope scaling is stored as a ``rope_freqs`` tensor of per-frequency divisors; it is turned
   back into the llama3 parameters of ``ModelConfig.rope_scaling`` and not yielded as a weight.
+
+Memory: tensors are read from the map one at a time, and once the consumer has taken a tensor
+(the generator resumes) its pages are dropped from this process (``release_pages``), so a
+model is never resident twice, as the file's pages and as the engine's repacked copy; only
+one tensor's file pages are resident at a time. Dropping is always safe: the mapping is
+read-only and file-backed, so a page read again is faulted back in from the page cache.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ class GGUFRaw(NamedTuple):
     qtype: QT
     shape: tuple
     hf_transposed: bool = False
+    source: tuple | None = None   # (file path, byte offset) of data as stored, when it is
+                                  # exactly the file's bytes (not un-permuted or shifted)
 
 
 class _TensorInfo(NamedTuple):
@@ -125,6 +133,22 @@ class _Cursor:
                 return self._strings(count)
             return [self.value(etype) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {vtype}")
+
+
+RELEASE_ALIGN = 2 << 20   # the kernel maps file pages in folios of up to 2 MiB around a fault
+
+
+def release_pages(buf: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop this process's resident pages of buf[offset:offset + nbytes] and of the 2 MiB
+    around it (a fault maps a whole folio, neighbours included): they no longer count in its
+    RSS. Nothing is lost; see the module docstring."""
+    start = offset // RELEASE_ALIGN * RELEASE_ALIGN
+    end = min(len(buf), -(-(offset + nbytes) // RELEASE_ALIGN) * RELEASE_ALIGN)
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):  # not supported here: the pages stay until unmapped
+            pass
 
 
 def _parse_metadata(buf, path: str) -> tuple[dict, _Cursor, int]:
@@ -471,7 +495,9 @@ class GGUFCheckpoint:
                 w = w - np.float32(1.0)
             if self._is_conv1d(t):
                 w = w.T
+            # _dequant copies: the tensor never points into the map
             yield self._names[t.name], torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+            release_pages(self._buf, t.offset, t.nbytes)
 
     def raw_tensors(self) -> Iterator[tuple[str, GGUFRaw]]:
         """(HF name, GGUFRaw) without dequantizing.
@@ -479,12 +505,19 @@ class GGUFCheckpoint:
         The llama q/k un-permutation is applied to whole rows of blocks (a copy); gemma3 norm
         weights (F32 vectors) come back as F32 with the 1 subtracted, so every raw tensor holds
         transformers' values. GPT-2 Conv1D weights stay [out, in] rows, flagged hf_transposed.
+
+        ``data`` may be a view of the file's map, valid until the next tensor is asked for:
+        the consumer copies (repacks) what it keeps before that; the pages are then dropped
+        from memory (``release_pages``).
         """
         for t in self._infos.values():
-            data, qtype = self._rows_fixed(t, self._stored(t)), t.qtype
+            stored = self._stored(t)
+            data, qtype = self._rows_fixed(t, stored), t.qtype
             if self._is_gemma_norm(t):
                 data, qtype = self._dequant(t) - np.float32(1.0), QT.F32
-            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t))
+            source = (self.path, t.offset) if data is stored else None
+            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t), source)
+            release_pages(self._buf, t.offset, t.nbytes)
 
 
 def load_gguf(path: str | os.PathLike) -> GGUFCheckpoint:

@@ -6,16 +6,17 @@ sequences of the step; attention metadata says which tokens belong together.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from miaotui.config import ModelConfig
 from miaotui.layers.activation import gated, get_activation
 from miaotui.layers.attention import Attention, AttentionMetadata
+from miaotui.layers.embedding import Embedding
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
 from miaotui.layers.rotary import RotaryEmbedding, apply_rotary
@@ -27,26 +28,31 @@ def load_linear(layer: Linear, w, shard: int = 0, is_bias: bool = False) -> None
         layer.load_bias(_dense(w), shard)
     elif hasattr(w, "qtype") and not _is_dense(w):
         layer.load_raw(w, shard)
-    else:
-        layer.load(_dense(w, layer.keep_16bit), shard)
+    else:   # Linear.load copies into its own weight: read straight from the file's map
+        layer.load(_dense(w, layer.keep_16bit, copy=False), shard)
 
 
 def _is_dense(w) -> bool:
     return getattr(w.qtype, "name", "") in ("F32", "F16", "BF16")
 
 
-def _dense(w, keep_16bit: bool = False) -> torch.Tensor:
+def _dense(w, keep_16bit: bool = False, copy: bool = True) -> torch.Tensor:
     """A float tensor from a dense tensor or a raw GGUF tensor (data, qtype, shape): float32,
-    or float16 / bfloat16 as stored with `keep_16bit`."""
+    or float16 / bfloat16 as stored with `keep_16bit`; with copy=False an F32 tensor may be
+    a read-only view of the file's map."""
     if isinstance(w, torch.Tensor):
         return w
+    if w.qtype.name == "F32" and not copy:
+        with warnings.catch_warnings():   # read-only: the caller copies it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.asarray(w.data, dtype=np.float32)).reshape(w.shape)
     if w.qtype.name == "F32" or (w.qtype.name == "F16" and not keep_16bit):
         return torch.from_numpy(np.array(w.data, dtype=np.float32)).reshape(w.shape)  # a writable copy
     from miaotui.layers.quant import dequantize_gguf
     return dequantize_gguf(w.data, w.qtype, w.shape, keep_16bit=keep_16bit)
 
 
-def embedding_table(w, keep_16bit: bool) -> torch.Tensor:
+def embedding_table(w, keep_16bit: bool) -> torch.Tensor:   # (GPT-2's tables)
     """An embedding table: float32, or float16 / bfloat16 as stored with `keep_16bit` (rows
     are widened when looked up)."""
     t = _dense(w, keep_16bit)
@@ -116,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)   # kept as stored
         self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, 1.0 if cfg.family == "gemma3" else 0.0)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
@@ -126,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         return RotaryEmbedding(self.cfg.head_dim, self.cfg.max_position_embeddings, theta, scaling)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens).float()
+        return self.embed_tokens(input_ids)
 
     def input_embeddings(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """What the first layer takes (the fused decode step starts from it too)."""
@@ -153,16 +159,19 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     # ---- loading -------------------------------------------------------------------------
+    @property
+    def tp_sharded(self) -> bool:
+        return getattr(self, "tp", None) is not None
+
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
         lm_head_seen = False
-        embed_raw = None
         for name, w in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name == "embed_tokens.weight":
-                self.embed_tokens.data = embedding_table(w, self.keep_16bit)
-                embed_raw = None if isinstance(w, torch.Tensor) else w
+            if name == "embed_tokens.weight":   # untied: rows read from the file on lookup
+                self.embed_tokens.load(w, from_file=not self.cfg.tie_word_embeddings and not self.tp_sharded)
+                embed_raw = w
             elif name == "lm_head.weight":
                 lm_head_seen = True
                 load_linear(self.lm_head, w)
@@ -174,10 +183,10 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"unexpected weight {name}")
                 layer = self.layers[int(m.group(1))]
                 self._load_layer_weight(layer, m.group(2), m.group(3), w)
-        if not lm_head_seen and embed_raw is not None and not _is_dense(embed_raw):
-            load_linear(self.lm_head, embed_raw)  # tied, GGUF: the head reads the quantized copy
-        elif not lm_head_seen:  # tied embeddings
-            self.lm_head.weight.data = self.embed_tokens.data
+        if not lm_head_seen and self.tp_sharded:   # tensor parallel: the head loads its vocabulary slice
+            load_linear(self.lm_head, embed_raw)
+        elif not lm_head_seen:  # tied: the head reads the embedding's table (quantized or float32)
+            self.embed_tokens.tie(self.lm_head)
         for layer in self.modules():
             if isinstance(layer, Linear):
                 layer.finish_raw()

@@ -51,8 +51,8 @@ def load_quantized_state(model: torch.nn.Module, tensors) -> None:
         if ".qweight." in name:
             mod, key = name.split(".qweight.")
             grouped.setdefault(mod, {})[key] = t
-        else:
-            model.get_parameter(name).data = t
+        else:   # "embed_tokens": a model parameter before the Embedding module (old files)
+            model.get_parameter("embed_tokens.weight" if name == "embed_tokens" else name).data = t
     for mod, sd in grouped.items():
         layer = model.get_submodule(mod)
         layer.qweight = QuantWeight.from_state_dict(sd)
