@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui import kernels
+from miaotui.layers import quant
 
 
 def concat_rows(parts: list):
@@ -85,7 +86,6 @@ class Linear(nn.Module):
         self._raw_parts = {}
 
     def quantize(self, method: str, group_size: int = 32) -> None:
-        from miaotui.layers import quant
         if self.qweight is not None or self.weight is None:
             return
         w = self.weight.data.float()
@@ -105,7 +105,8 @@ class Linear(nn.Module):
         k = kernels.load()
         if k is not None and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu":
             # batch-invariant: a row's result never depends on the other rows (BLAS's may)
-            y = k.f32_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight)
+            mm = k.f32_gemm if quant.exact_mode() else k.f32_matmul   # prompt tokens: packed GEMM
+            y = mm(x.reshape(-1, self.in_features).contiguous(), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y.add_(self.bias)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
