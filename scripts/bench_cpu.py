@@ -171,7 +171,7 @@ def miaotui_batched(path: str, vocab: int, threads: int, npp: int, ntg: int, npl
     from miaotui.sampling_params import SamplingParams
     eng = engine_for(path, threads, "fp32", npp + ntg + 2, max(npls))
     rows = []
-    for npl in [min(npls)] + npls:  # the first: a warm-up, not kept
+    for npl in [1] + npls:  # the first: a warm-up, not kept
         p = SamplingParams(max_tokens=ntg + 1, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         for i in range(npl):
@@ -241,9 +241,9 @@ def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
     from miaotui.bench import llama_tools
     ll, mt = [], []
     for r in range(args.repeats):
-        # a first case repeated as a warm-up (llama-batched-bench has none): the later row is kept
+        # a one-sequence case first as a warm-up (llama-batched-bench has none), not kept
         ll.append({x["pl"]: x for x in llama_tools.run_batched(args.llama_batched_bench, path, args.threads,
-                                                               args.npp, args.ntg, [min(args.npl)] + args.npl)})
+                                                               args.npp, args.ntg, [1] + args.npl)[1:]})
         mt.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg, args.npl,
                                                        10 * r)})
         print(f"  {shape} {qt} round {r}: total tok/s by npl: llama.cpp " +
