@@ -67,6 +67,61 @@ def test_quantized_matmuls(k, w):
     _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), xp)  # decode: int8 activations
 
 
+@pytest.mark.parametrize("K,N,T", [(576, 1536, 40), (37, 50, 30), (64, 7, 13), (200, 33, 25), (2048, 70, 3)])
+def test_prefill_gemm(k, K, N, T):
+    """The packed GEMM (prompt tokens): right, and every row's bits independent of the batch."""
+    g = torch.Generator().manual_seed(K + N)
+    x, w = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
+    y = _invariant(lambda a: k.f32_gemm(a, w), x)
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-4)
+    # one FMA chain over k in order: acc = fma(x[t, j], w[n, j], acc), j = 0, 1, ..., K - 1
+    # (a float32 product is exact in float64; the sum rounded there, then to float32)
+    ref = torch.zeros((), dtype=torch.float32)
+    t, n = T - 1, N - 1
+    for j in range(K):
+        ref = (ref.double() + x[t, j].double() * w[n, j].double()).float()
+    assert y[t, n] == ref
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_gemm_thread_count(k, threads):
+    x, w = torch.randn(50, 96), torch.randn(300, 96)
+    k.set_threads(1)
+    one = k.f32_gemm(x, w)
+    k.set_threads(threads)
+    try:
+        assert torch.equal(k.f32_gemm(x, w), one)
+    finally:
+        k.set_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("w", [Q.quantize_int4(torch.randn(300, 576), 32, False),
+                               Q.quantize_int4(torch.randn(40, 128), 64, True),
+                               Q.quantize_int8(torch.randn(70, 100))], ids=["int4g32", "int4g64sym", "int8odd"])
+def test_prefill_gemm_quantized(k, w):
+    """qf32_gemm is f32_gemm on the dequantized weight, bit for bit (dequantized exactly)."""
+    x = torch.randn(40, w.in_features)
+    y = _invariant(lambda a: k.qf32_gemm(a, *w._kernel_args()), x)
+    assert torch.equal(y, k.f32_gemm(x, w.dequantize()))
+    torch.testing.assert_close(y, x @ w.dequantize().T, rtol=1e-5, atol=1e-4)
+
+
+def test_prefill_gemm_same_bits_without_avx512(k, tmp_path):
+    """The AVX2 and AVX-512 GEMMs agree bit for bit (one FMA chain over k either way)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, sys; from miaotui import kernels; k = kernels.load(); g = torch.Generator().manual_seed(3);"
+            "x, w = torch.randn(29, 300, generator=g), torch.randn(45, 300, generator=g);"
+            "torch.save(k.f32_gemm(x, w), sys.argv[1])")
+    outs = []
+    for i, flag in enumerate(("1", "0")):
+        path = str(tmp_path / f"y{i}.pt")
+        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "MIAOTUI_NO_AVX512": flag})
+        outs.append(torch.load(path))
+    assert torch.equal(outs[0], outs[1])
+
+
 def _reference_attention(q, kc, vc, tables, seq, pos, bs, window, scale):
     out = []
     for t in range(q.shape[0]):

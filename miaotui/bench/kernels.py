@@ -4,11 +4,13 @@ For the weight shapes of SmolLM2-135M and TinyLlama-1.1B ("in->out") and M rows 
 times x @ W.T done by:
 
   fp32          torch matmul (BLAS) on a float32 weight (the baseline)
-  fp32:ours     our batch-invariant float32 kernel (what the engine runs for float32 weights)
+  fp32:ours     our batch-invariant float32 dot-product tiles (float32 weights, decode rows)
+  fp32:gemm     our batch-invariant packed float32 GEMM (float32 weights, prompt rows)
   torch_int8    torch.ops.aten._weight_int8pack_mm (int8, a scale per row)
   torch_int4    torch.ops.aten._weight_int4pack_mm_for_cpu (int4, groups of 32)
   <format>:int  our C++ kernel: x quantized to int8 per 32, integer dot products (decode)
-  <format>:exact  our batch-invariant float32 kernel on the dequantized weight (prompts)
+  <format>:exact  our batch-invariant packed GEMM on the dequantized weight (prompts)
+  <format>:tiles  the dot-product tiles on the dequantized weight (the prompt path before)
   <format>:torch  dequantization by PyTorch, then torch matmul (the no-kernel fallback)
   int8:f32x     a C++ int8-weight kernel on float32 x (M=1 only; no activation rounding)
 
@@ -101,6 +103,8 @@ def _candidates(w: torch.Tensor, m: int, formats: list[str], k, cross: bool = Fa
     out["fp32"] = (lambda x: x @ fp.next().T, w.numel() * 4)
     if k is not None:
         out["fp32:ours"] = (lambda x: k.f32_matmul(x, fp.next()), w.numel() * 4)
+        if m >= 8:
+            out["fp32:gemm"] = (lambda x: k.f32_gemm(x, fp.next()), w.numel() * 4)
     q8 = Q.quantize_int8(w)
     if kin % 32 == 0 and (m <= 8 or n * kin <= 1 << 22):  # torch's ops take seconds at large M
         t8 = _Rotating(lambda: (q8.q.clone(), q8.scale.view(-1).clone()), q8.nbytes(), rotate)
@@ -123,7 +127,8 @@ def _candidates(w: torch.Tensor, m: int, formats: list[str], k, cross: bool = Fa
             if m <= 64 or cross:
                 out[f"{f}:int"] = (lambda x, p=pool: p.next()._matmul_int8(k, x), nb)
             if m >= 8 or cross:
-                out[f"{f}:exact"] = (lambda x, p=pool: k.qf32_matmul(x, *p.next()._kernel_args()), nb)
+                out[f"{f}:exact"] = (lambda x, p=pool: k.qf32_gemm(x, *p.next()._kernel_args()), nb)
+                out[f"{f}:tiles"] = (lambda x, p=pool: k.qf32_matmul(x, *p.next()._kernel_args()), nb)
             if f == "int8" and m == 1:
                 out["int8:f32x"] = (lambda x, p=pool: (lambda q: k.int8_f32_gemv(
                     torch.nn.functional.pad(x, (0, q.padded_in - q.in_features)), q.q, q.scale,

@@ -17,6 +17,10 @@
 // of rows at a time into a thread's buffer (many rows of x: the work is shared) or eight
 // values at a time inside the tiles (a few rows of x: no buffer round trip). Both give the
 // same bits, so which one runs may depend on the batch.
+//
+// Prompt tokens (the engine's exact path) take the packed GEMM further down (f32_gemm,
+// qf32_gemm): a different, equally fixed chain per output, used for every prompt row
+// whatever the batch, never for decode rows.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <immintrin.h>
@@ -238,6 +242,140 @@ void split(int64_t T, int64_t N, int64_t nb, const F& f) {
   });
 }
 
+// ---- The prefill GEMM: W packed in panels, rows of x broadcast ----
+//
+// Prompt tokens (many rows of x) take the classic GEMM form instead of the dot-product
+// tiles above: W's rows are packed, a block at a time, into panels of NR columns
+// (panel[k * NR + j] = W[n + j, k], quantized weights dequantized as dequant_row does), and
+// a tile of MR rows of x broadcasts x[t, k] against a panel's NR columns: 2 * MR vector
+// accumulators, two vector loads per MR broadcasts, where the dot-product tiles load a W
+// vector and an x vector per few FMAs and end every output with a horizontal sum. Each
+// output is one FMA chain over k = 0, 1, 2, ... in order, for any tile, vector width or
+// number of rows, so batch invariance holds as before, and the AVX2 and AVX-512 kernels
+// agree bit for bit (the dot-product tiles did not). The decode path keeps the dot-product
+// tiles: one row of x cannot pay for packing W.
+
+// MR rows of x, packed (xp[k * MR + i] = x[i, k]), against one packed panel of 16 columns
+// (nc stored), AVX2.
+template <int MR>
+inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int64_t ldy, int nc) {
+  __m256 a0[MR], a1[MR];
+  for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(p + 16 * k), w1 = _mm256_loadu_ps(p + 16 * k + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 b = _mm256_broadcast_ss(xp + k * MR + i);
+      a0[i] = _mm256_fmadd_ps(b, w0, a0[i]);
+      a1[i] = _mm256_fmadd_ps(b, w1, a1[i]);
+    }
+  }
+  const __m256i m0 = tail_mask(std::min(nc, 8)), m1 = tail_mask(std::max(0, nc - 8));
+  for (int i = 0; i < MR; ++i) {
+    if (nc >= 8) _mm256_storeu_ps(y + i * ldy, a0[i]);
+    else _mm256_maskstore_ps(y + i * ldy, m0, a0[i]);
+    if (nc >= 16) _mm256_storeu_ps(y + i * ldy + 8, a1[i]);
+    else if (nc > 8) _mm256_maskstore_ps(y + i * ldy + 8, m1, a1[i]);
+  }
+}
+
+template <int MR>
+void gemm_rows(const float* xp, const float* panels, int64_t K, int64_t N, float* y, int64_t ldy) {
+  for (int64_t n = 0; n < N; n += 16)
+    gemm_tile<MR>(xp, panels + n * K, K, y + n, ldy, static_cast<int>(std::min<int64_t>(16, N - n)));
+}
+
+// x packed in blocks of 6 rows (as avx512::gemm_packed takes it, with 6 for kGemmMR).
+void gemm_packed_avx2(const float* xp, int64_t T, int64_t K, const float* panels, int64_t N, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 6 <= T; t += 6) gemm_rows<6>(xp + t * K, panels, K, N, y + t * ldy, ldy);
+  const float* xr = xp + t * K;
+  float* yr = y + t * ldy;
+  switch (T - t) {
+    case 0: break;
+    case 1: gemm_rows<1>(xr, panels, K, N, yr, ldy); break;
+    case 2: gemm_rows<2>(xr, panels, K, N, yr, ldy); break;
+    case 3: gemm_rows<3>(xr, panels, K, N, yr, ldy); break;
+    case 4: gemm_rows<4>(xr, panels, K, N, yr, ldy); break;
+    default: gemm_rows<5>(xr, panels, K, N, yr, ldy); break;
+  }
+}
+
+// Eight rows' values k..k+7 (r[j] + k) stored transposed: dst[i * NR + j] = r[j][k + i].
+inline void transpose8(const float* const* r, int64_t k, float* dst, int NR) {
+  __m256 a[8], b[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_loadu_ps(r[j] + k);
+  for (int j = 0; j < 8; j += 2) {
+    b[j] = _mm256_unpacklo_ps(a[j], a[j + 1]);
+    b[j + 1] = _mm256_unpackhi_ps(a[j], a[j + 1]);
+  }
+  for (int j = 0; j < 8; j += 4) {
+    a[j] = _mm256_shuffle_ps(b[j], b[j + 2], 0x44);
+    a[j + 1] = _mm256_shuffle_ps(b[j], b[j + 2], 0xEE);
+    a[j + 2] = _mm256_shuffle_ps(b[j + 1], b[j + 3], 0x44);
+    a[j + 3] = _mm256_shuffle_ps(b[j + 1], b[j + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * NR, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * NR, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+  }
+}
+
+// Rows n0..n1 of W into panels of NR columns (zeros past n1). row(n, buf) gives row n's K
+// floats, in place or written to buf (K floats); tmp: room for (NR + 1) * K floats.
+template <typename Row>
+void pack_panels(const Row& row, int64_t n0, int64_t n1, int64_t K, int NR, float* out, float* tmp) {
+  float* zeros = tmp + NR * K;
+  std::fill(zeros, zeros + K, 0.0f);
+  const float* r[32];
+  for (int64_t p0 = n0; p0 < n1; p0 += NR) {
+    float* panel = out + (p0 - n0) * K;
+    for (int j = 0; j < NR; ++j) r[j] = p0 + j < n1 ? row(p0 + j, tmp + j * K) : zeros;
+    const int64_t k8 = K / 8 * 8;
+    for (int64_t k = 0; k < k8; k += 8)
+      for (int j = 0; j < NR; j += 8) transpose8(r + j, k, panel + k * NR + j, NR);
+    for (int64_t k = k8; k < K; ++k)
+      for (int j = 0; j < NR; ++j) panel[k * NR + j] = r[j][k];
+  }
+}
+
+// y = x @ W.T over all rows, W given row by row. x is packed once (blocks of MR rows);
+// jobs: blocks of W's rows (packed once per job) by runs of whole x blocks.
+template <typename Row>
+void gemm(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t N, const Row& row, float* y, int64_t ldy) {
+  if (T == 0 || N == 0) return;
+  const bool wide = use_avx512();
+  const int NR = wide ? avx512::kGemmNR : 16, MR = wide ? avx512::kGemmMR : 6;
+  const int64_t nxb = (T + MR - 1) / MR;
+  std::vector<float> xp(nxb * MR * K);
+  parallel_rows(nxb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * MR, rows = std::min<int64_t>(MR, T - t0);
+      float* out = xp.data() + t0 * K;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t k = 0; k < K; ++k) out[k * rows + i] = x[(t0 + i) * ldx + k];
+    }
+  });
+  // jobs over blocks of W's rows, and over runs of x blocks when those are few
+  const int64_t nb = std::clamp<int64_t>((512 << 10) / (4 * K) / NR * NR, NR, 256);
+  const int64_t nblocks = (N + nb - 1) / nb, want = 4 * kernel_threads();
+  int64_t xb = nxb;
+  if (nblocks < want && nxb >= 2) xb = std::max<int64_t>(1, nxb * nblocks / want);
+  const int64_t xruns = (nxb + xb - 1) / xb;
+  parallel_rows(nblocks * xruns, 1, [&](int64_t j0, int64_t j1) {
+    thread_local std::vector<float> panels, tmp;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = (j / xruns) * nb, n1 = std::min(N, n0 + nb);
+      const int64_t t0 = (j % xruns) * xb * MR, t1 = std::min(T, t0 + xb * MR);
+      panels.resize((n1 - n0 + NR - 1) / NR * NR * K);
+      tmp.resize((NR + 1) * K);
+      pack_panels(row, n0, n1, K, NR, panels.data(), tmp.data());
+      const float* xb_ptr = xp.data() + t0 * K;
+      if (wide) avx512::gemm_packed(xb_ptr, t1 - t0, K, panels.data(), n1 - n0, y + t0 * ldy + n0, ldy);
+      else gemm_packed_avx2(xb_ptr, t1 - t0, K, panels.data(), n1 - n0, y + t0 * ldy + n0, ldy);
+    }
+  });
+}
+
 }  // namespace
 
 void f32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw,
@@ -272,6 +410,27 @@ void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const W
     for (int64_t n = n0; n < n1; ++n) dequant_row(w, n, buf.data() + (n - n0) * w.K);
     rows_block(x + t0 * ldx, ldx, t1 - t0, K, buf.data(), w.K, n1 - n0, y + t0 * ldy + n0, ldy);
   });
+}
+
+void f32_gemm_into(const float* x, int64_t ldx, int64_t T, int64_t K, const float* w, int64_t ldw, int64_t N,
+                   float* y, int64_t ldy) {
+  gemm(x, ldx, T, K, N, [&](int64_t n, float*) { return w + n * ldw; }, y, ldy);
+}
+
+void qf32_gemm_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y, int64_t ldy) {
+  TORCH_CHECK(K <= w.K, "x is wider than the weight");
+  // a row dequantized to w.K values, of which the first K meet x (the rest is padding)
+  gemm(x, ldx, T, K, w.N, [&](int64_t n, float* buf) {
+    if (K == w.K) {
+      dequant_row(w, n, buf);
+      return static_cast<const float*>(buf);
+    }
+    thread_local std::vector<float> full;
+    full.resize(w.K);
+    dequant_row(w, n, full.data());
+    std::copy(full.begin(), full.begin() + K, buf);
+    return static_cast<const float*>(buf);
+  }, y, ldy);
 }
 
 namespace {
@@ -309,12 +468,35 @@ at::Tensor qf32_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+// The same as f32_matmul / qf32_matmul through the packed GEMM (prompt tokens).
+at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w) {
+  check_x(x);
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1),
+              "w must be float32 [N, K] with contiguous rows");
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  f32_gemm_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(), w.stride(0),
+                w.size(0), y.data_ptr<float>(), w.size(0));
+  return y;
+}
+
+at::Tensor qf32_gemm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
+                     int64_t block, int64_t bits, double offset) {
+  check_x(x);
+  const Weights w = describe(q, scale, min, block, bits, offset);
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  qf32_gemm_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w, y.data_ptr<float>(), w.N);
+  return y;
+}
+
 }  // namespace
 
 void register_matmul(pybind11::module& m) {
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("f32_matmul", &f32_matmul, "x @ W.T, float32 (W float32, float16 or bfloat16), batch-invariant", no_gil());
   m.def("qf32_matmul", &qf32_matmul, "x @ dequantize(W).T, float32 activations, batch-invariant", no_gil());
+  m.def("f32_gemm", &f32_gemm, "x @ W.T, float32, batch-invariant, W packed (prefill)", no_gil());
+  m.def("qf32_gemm", &qf32_gemm, "x @ dequantize(W).T, float32 activations, batch-invariant, packed (prefill)",
+        no_gil());
 }
 
 }  // namespace miaotui

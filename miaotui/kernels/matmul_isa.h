@@ -28,3 +28,18 @@ void q_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const QuantRows& 
 }  // namespace avx512
 
 }  // namespace miaotui
+
+namespace miaotui {
+// The prefill GEMM (matmul_cpu.cpp's gemm): y[t, n] = x[t] . W[n] for W packed in panels
+// of NR columns, panel p holding W[p * NR + j, k] at p * K * NR + k * NR + j (zeros past
+// the last row). Every output is one FMA chain over k = 0, 1, 2, ... in order, whatever
+// the tile, the vector width or the batch, so the AVX2 and AVX-512 kernels agree bit for bit.
+namespace avx512 {
+constexpr int kGemmNR = 32;
+constexpr int kGemmMR = 12;
+// T rows of x, packed (block b of kGemmMR rows at b * kGemmMR * K, x[t, k] at k * rows + i,
+// rows: the block's row count), against the N (<= panels * NR) columns of the packed
+// panels, on this thread.
+void gemm_packed(const float* xp, int64_t T, int64_t K, const float* panels, int64_t N, float* y, int64_t ldy);
+}  // namespace avx512
+}  // namespace miaotui

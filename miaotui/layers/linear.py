@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui import kernels
+from miaotui.layers import quant
 
 
 def concat_rows(parts: list):
@@ -115,7 +116,6 @@ class Linear(nn.Module):
         self.weight = None
 
     def quantize(self, method: str, group_size: int = 32) -> None:
-        from miaotui.layers import quant
         if self.qweight is not None or self.weight is None:
             return
         w = self.weight.data.float()
@@ -140,8 +140,10 @@ class Linear(nn.Module):
         if (k is not None and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.weight.dtype in (torch.float32, *HALF)):
             # batch-invariant: a row's result never depends on the other rows (BLAS's may);
-            # 16-bit weights are widened in the kernel's tiles, with float32 arithmetic
-            y = k.f32_matmul(x.reshape(-1, self.in_features).contiguous(), self.weight)
+            # 16-bit weights are widened in the kernel's tiles, with float32 arithmetic;
+            # prompt tokens of float32 weights: the packed GEMM
+            mm = k.f32_gemm if quant.exact_mode() and self.weight.dtype == torch.float32 else k.f32_matmul
+            y = mm(x.reshape(-1, self.in_features).contiguous(), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y.add_(self.bias)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)

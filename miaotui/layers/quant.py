@@ -35,9 +35,9 @@ token's result does not depend on what else is in the batch):
   For Gaussian x that is ~0.5% relative RMS error: about int8 weight rounding's (~0.7%),
   far below 4-bit weights' (~8%).
 * C++ kernels, inside ``exact_activations()`` (prompt tokens): W dequantized to float32
-  bit-exactly (a block of rows into a thread's buffer for many rows of x, eight values at a
-  time inside the tiles for up to 8; the same bits either way) and multiplied by the
-  float32 activations with the batch-invariant kernel of matmul_cpu.cpp.
+  bit-exactly, a block of rows at a time, into the packed panels of matmul_cpu.cpp's
+  batch-invariant GEMM (``qf32_gemm``; dense float32 weights take ``f32_gemm``), and
+  multiplied by the float32 activations.
 * No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): tiles of W dequantized by
   PyTorch, then BLAS (this fallback is not batch-invariant: BLAS picks kernels by shape).
 """
@@ -72,6 +72,11 @@ def exact_activations(on: bool = True):
         yield
     finally:
         _mode.exact = prev
+
+
+def exact_mode() -> bool:
+    """Inside exact_activations(): prompt tokens, computed by the packed prefill GEMM."""
+    return getattr(_mode, "exact", False)
 
 
 def _ceil32(k: int) -> int:
@@ -153,8 +158,8 @@ class QuantWeight:
         k = kernels.load()
         if k is None:
             y = self._matmul_tiles(x, self._dequant_rows)
-        elif getattr(_mode, "exact", False):
-            y = k.qf32_matmul(x, *self._kernel_args())
+        elif exact_mode():
+            y = k.qf32_gemm(x, *self._kernel_args())
         else:
             y = self._matmul_int8(k, x)
         return y.view(*lead, self.out_features)

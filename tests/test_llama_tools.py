@@ -1,0 +1,80 @@
+"""miaotui.bench.llama_tools: the command lines given to llama.cpp's tools and the reading
+of their output (real output lines of llama-bench / llama-batched-bench, build 0c1e570).
+With MIAOTUI_LLAMA_BIN set to a llama.cpp build/bin directory, the tools are run too."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from miaotui.bench import llama_tools
+
+BENCH_ENTRY = {
+    "build_commit": "0c1e570", "model_type": "llama 256M Q4_0", "n_batch": 2048, "n_ubatch": 512,
+    "n_threads": 2, "poll": 50, "type_k": "f16", "type_v": "f16", "flash_attn": -1, "repack": True,
+    "n_prompt": 0, "n_gen": 4, "n_depth": 16, "avg_ns": 1348133171, "stddev_ns": 0,
+    "avg_ts": 2.967066, "stddev_ts": 0.0, "samples_ns": [1348133171], "samples_ts": [2.96707]}
+BATCHED_LINES = (
+    "llama_context: n_ctx = 64\n"
+    '{"n_kv_max": 512, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, '
+    '"n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 8, "tg": 4, "pl": 2, "n_kv": 24, '
+    '"t_pp": 0.019584, "speed_pp": 816.993469, "t_tg": 0.026640, "speed_tg": 300.300293, "t": 0.046224, '
+    '"speed": 519.210815}\n')
+
+
+def test_bench_command_and_parse():
+    cmd = llama_tools.bench_cmd("/bin/llama-bench", "m.gguf", 2, 0, 32, [0, 512, 4096], 1)
+    assert cmd[cmd.index("-d") + 1] == "0,512,4096"
+    assert cmd[cmd.index("-p") + 1] == "0" and cmd[cmd.index("-n") + 1] == "32"
+    assert cmd[cmd.index("-o") + 1] == "json" and cmd[cmd.index("-t") + 1] == "2"
+    rows = llama_tools.parse_bench(json.dumps([BENCH_ENTRY]))
+    assert rows == [{"n_prompt": 0, "n_gen": 4, "n_depth": 16, "n_threads": 2, "type_k": "f16",
+                     "type_v": "f16", "flash_attn": -1, "avg_ts": 2.967066, "stddev_ts": 0.0,
+                     "samples_ts": [2.96707]}]
+    with pytest.raises(llama_tools.ToolError, match="no JSON"):
+        llama_tools.parse_bench("| model | size |")
+
+
+def test_batched_command_and_parse():
+    cmd = llama_tools.batched_cmd("/bin/llama-batched-bench", "m.gguf", 2, 128, 128, [1, 4, 8, 16])
+    assert cmd[cmd.index("-npl") + 1] == "1,4,8,16"
+    assert cmd[cmd.index("-c") + 1] == str(16 * 256)   # room for the largest case
+    assert "-pps" not in cmd                           # every sequence its own prompt
+    rows = llama_tools.parse_batched(BATCHED_LINES)
+    assert rows == [{"pp": 8, "tg": 4, "pl": 2, "t_pp": 0.019584, "speed_pp": 816.993469,
+                     "t_tg": 0.02664, "speed_tg": 300.300293, "t": 0.046224, "speed": 519.210815}]
+    with pytest.raises(llama_tools.ToolError, match="no results"):
+        llama_tools.parse_batched("main: error\n")
+
+
+def test_tool_env_drops_miaotuis_omp_policy(monkeypatch):
+    import miaotui
+    monkeypatch.setattr(miaotui, "SET_OMP_WAIT_POLICY", True)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert "OMP_WAIT_POLICY" not in llama_tools.tool_env()
+    monkeypatch.setattr(miaotui, "SET_OMP_WAIT_POLICY", False)   # the user's own setting stays
+    assert llama_tools.tool_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_bad_tool_path_and_failing_tool(tmp_path):
+    with pytest.raises(llama_tools.ToolError, match="not an executable"):
+        llama_tools.check_tool(str(tmp_path / "nope"), "--llama-bench")
+    with pytest.raises(llama_tools.ToolError, match="exited with"):
+        llama_tools._run(["false"], timeout=10)
+
+
+LLAMA_BIN = os.environ.get("MIAOTUI_LLAMA_BIN")
+
+
+@pytest.mark.skipif(not LLAMA_BIN, reason="MIAOTUI_LLAMA_BIN (a llama.cpp build/bin) not set")
+def test_real_tools_on_a_tiny_gguf(tmp_path):
+    from gguf_writer_util import write_gguf_from_hf
+    from util import make_tiny_model
+    model = make_tiny_model("llama", str(tmp_path / "hf"))
+    f32 = write_gguf_from_hf(model, str(tmp_path / "m-F32.gguf"), "F32")
+    q8 = llama_tools.quantize(os.path.join(LLAMA_BIN, "llama-quantize"), f32, str(tmp_path / "m-Q8_0.gguf"), "Q8_0")
+    rows = llama_tools.run_bench(os.path.join(LLAMA_BIN, "llama-bench"), q8, 1, 0, 4, [0, 16], 1, timeout=300)
+    assert [r["n_depth"] for r in rows] == [0, 16] and all(r["avg_ts"] > 0 for r in rows)
+    rows = llama_tools.run_batched(os.path.join(LLAMA_BIN, "llama-batched-bench"), q8, 1, 8, 4, [1, 2], timeout=300)
+    assert [r["pl"] for r in rows] == [1, 2] and all(r["speed"] > 0 for r in rows)
