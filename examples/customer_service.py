@@ -68,9 +68,10 @@ def answer(llm, faq: FAQ, question: str, args, out=sys.stdout) -> dict:
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": USER.format(passages="\n\n".join(passages), question=question)}]
     prompt = llm.apply_chat_template(messages)
-    # one paragraph (a small model otherwise goes on and repeats itself)
+    # one paragraph, or one list (a small model otherwise goes on and repeats itself): a blank
+    # line ends the answer unless the text before it announces steps
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0,
-                            stop=["\n\n"])
+                            stop=["\n\n\n", ".\n\n"])
     first, text, n_tokens = None, "", 0
     for step in llm.stream(prompt, params):
         o = step.outputs[0]

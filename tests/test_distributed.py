@@ -31,10 +31,10 @@ def tiny(tmp_path_factory):
     return get
 
 
-def _run(model, tp: int, prompts=PROMPTS, max_tokens=10, **kw):
+def _run(model, tp: int, prompts=PROMPTS, max_tokens=10, logprobs=1, **kw):
     llm = LLM(model, num_threads=1, max_num_seqs=4, tensor_parallel_size=tp, **kw)
     try:
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=1)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=logprobs)
         outs = llm.generate(prompts, sp)
         decoder = llm.engine.runner.decoder is not None
     finally:
@@ -57,7 +57,7 @@ def test_tp2_matches_one_process(tiny, family):
     ref, _ = _run(path, 1)
     got, fused = _run(path, 2)
     _compare(ref, got)
-    assert fused == (family in ("llama", "qwen2", "qwen3"))   # the C++ decode step ran per rank
+    assert fused   # the C++ decode step ran per rank (every family has one)
 
 
 def test_tp2_replicated_kv_head_and_pytorch_decode(tiny, monkeypatch, tmp_path):
@@ -74,17 +74,23 @@ def test_tp2_replicated_kv_head_and_pytorch_decode(tiny, monkeypatch, tmp_path):
 
 def test_tp2_real_model(smollm2_path):
     """SmolLM2-135M Q4_1 (9 heads, 3 KV heads: split 6+3 / 2+1), GGUF blocks sliced per rank.
-    Greedy tokens are the same. Prompt tokens (float32 activations) agree within 1e-4;
+    Greedy tokens are the same up to a near tie. Prompt tokens (float32 activations) agree within 1e-4;
     generated tokens go through int8 activations, where the all-reduce's rounding can flip
     an activation's int8 rounding: ~1e-1 in log-probs, as between the fused and PyTorch
     decode paths of one process. Dequantized to float32 everything agrees within 1e-4."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
-    ref, _ = _run(smollm2_path, 1, prompts, 16)
-    got, fused = _run(smollm2_path, 2, prompts, 16)
+    ref, _ = _run(smollm2_path, 1, prompts, 16, logprobs=2)
+    got, fused = _run(smollm2_path, 2, prompts, 16, logprobs=2)
     assert fused
     for a, b in zip(ref, got):
-        assert a.token_ids == b.token_ids
         assert abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 1e-4
+        # greedy tokens are the same until a near tie (the top two within twice the int8 noise)
+        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
+            top = sorted(a.logprobs[i].top.values(), reverse=True)
+            if x != y:
+                assert top[0] - top[1] < 0.5, (i, top)   # two log-probs each ~0.2 off
+                break
+            assert abs(a.logprobs[i].logprob - b.logprobs[i].logprob) < 0.3
     ref, _ = _run(smollm2_path, 1, prompts, 8, quantization="none")
     _compare(ref, _run(smollm2_path, 2, prompts, 8, quantization="none")[0])
 
