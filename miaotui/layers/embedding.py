@@ -3,9 +3,9 @@
 A GGUF file stores the embedding quantized (SmolLM2's Q4_1 file: 17.7 MB, against 113 MB
 as float32); the table is kept so and a lookup dequantizes only the rows it returns
 (``QuantWeight.rows``, bit-identical to dequantizing the whole table first). A dense table
-keeps its float dtype (bfloat16/float16 rows are widened to float32 on lookup, exactly).
-With tied embeddings the output head and the embedding share one table (``tie``): the
-quantized blocks when quantized, else one float32 tensor.
+keeps its float dtype with dtype "auto" (bfloat16/float16 rows are widened to float32 on
+lookup, exactly). With tied embeddings the output head and the embedding share one table
+(``tie``): the quantized blocks when quantized, else the one float tensor.
 
 An untied GGUF embedding is not held at all: only a lookup's rows are ever needed, so they
 are read from the file (``os.pread``) when looked up, as llama.cpp reads them through its
@@ -40,7 +40,7 @@ class Embedding(nn.Module):
             return torch.device("cpu")
         return (self.weight if self.weight is not None else self.qweight.q).device
 
-    def load(self, w, from_file: bool = True) -> None:
+    def load(self, w, from_file: bool = True, keep_16bit: bool = True) -> None:
         """A dense tensor, or a raw GGUF tensor (data, qtype, shape; the data may be a view
         of the file's map: what is kept is copied). A raw tensor that names its place in
         the file (``source``) is read from there on lookup (from_file; ``tie`` loads it)."""
@@ -68,6 +68,8 @@ class Embedding(nn.Module):
             return
         if tuple(dense.shape) != (self.num_embeddings, self.dim):
             raise ValueError(f"embedding shape {tuple(dense.shape)} != {(self.num_embeddings, self.dim)}")
+        if not keep_16bit:   # dtype float32 asked for: widened once here
+            dense = dense.float()
         self.weight, self.qweight = nn.Parameter(dense, requires_grad=False), None
 
     def tie(self, head) -> None:
@@ -83,9 +85,7 @@ class Embedding(nn.Module):
         if self.qweight is not None:
             head.qweight, head.weight = self.qweight, None
             return
-        if self.weight.dtype != torch.float32:   # the head computes in float32
-            self.weight = nn.Parameter(self.weight.data.float(), requires_grad=False)
-        head.weight.data = self.weight.data
+        head.weight.data = self.weight.data   # 16-bit rows are widened in the head's kernels too
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 [*input_ids.shape, dim]."""

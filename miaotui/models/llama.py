@@ -170,7 +170,8 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb" in name:
                 continue
             if name == "embed_tokens.weight":   # untied: rows read from the file on lookup
-                self.embed_tokens.load(w, from_file=not self.cfg.tie_word_embeddings and not self.tp_sharded)
+                self.embed_tokens.load(w, from_file=not self.cfg.tie_word_embeddings and not self.tp_sharded,
+                                       keep_16bit=self.keep_16bit)
                 embed_raw = w
             elif name == "lm_head.weight":
                 lm_head_seen = True

@@ -182,7 +182,7 @@ def hf_state(model) -> dict[str, torch.Tensor]:
     """The model's float weights under transformers' names (Llama family and Gemma 3)."""
     from miaotui.layers.norm import RMSNorm
     cfg = model.cfg
-    sd = {"model.embed_tokens.weight": model.embed_tokens.data}
+    sd = {"model.embed_tokens.weight": model.embed_tokens.dense()}
 
     def linear(prefix: str, lin: Linear, names: list[str]) -> None:
         if lin.weight is None:
