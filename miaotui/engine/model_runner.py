@@ -58,17 +58,12 @@ class ModelRunner:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _decode_tables(self, seqs: list[Sequence], counts: list[int] | None = None
-                       ) -> tuple[list[int], list[list[int]], list[int]]:
-        """For ``counts`` new tokens per sequence (default one): context lengths after them,
-        block tables padded to the longest (with block 0) and the slot of each last token."""
-        bs = self.block_size
-        lens = [s.num_computed_tokens + (1 if counts is None else c) for s, c in
-                zip(seqs, counts or [1] * len(seqs))]
-        nblk = -(-max(lens) // bs)
-        tables = [s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table))) for s in seqs]
-        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
-        return lens, tables, slots
+    def _padded_tables(self, batch: list[tuple[Sequence, int]]) -> tuple[list[int], list[list[int]]]:
+        """For n new tokens per sequence: context lengths after them, and block tables
+        padded to the longest (with block 0)."""
+        lens = [s.num_computed_tokens + n for s, n in batch]
+        nblk = -(-max(lens) // self.block_size)
+        return lens, [s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table))) for s, _ in batch]
 
     def _prefill_masks(self, chunk: PrefillChunk, L: int, C: int) -> None:
         q_pos = torch.arange(chunk.first_pos, chunk.first_pos + L).unsqueeze(1)
@@ -103,7 +98,7 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=torch.cat(slots), prefills=chunks,
                                  num_prefill_tokens=0 if decode else row)
         positions = torch.cat(pos)
-        lens, tables, _ = self._decode_tables([s for s, _ in batch], [n for _, n in batch])
+        lens, tables = self._padded_tables(batch)
         tables = torch.tensor(tables)
         if self.kernel_attention:
             meta.tables, meta.token_pos = tables, positions
@@ -151,10 +146,12 @@ class ModelRunner:
         context), so a guess is computed exactly as it would be alone in a later step."""
         # rows that give logits: the last of a plain decode, every row of a verification
         # (a token replayed after preemption samples nothing: it is not the last)
-        want, row = [], 0
+        want, plain, verify, row = [], [], [], 0
         for s, n in decode:
-            if s.num_computed_tokens + n == len(s) + len(s.spec_tokens):
-                want.extend(range(row + n - 1 - len(s.spec_tokens), row + n))
+            k = len(s.spec_tokens)
+            if s.num_computed_tokens + n == len(s) + k:
+                (verify if k else plain).append((s, len(want), len(want) + k + 1))
+                want.extend(range(row + n - 1 - k, row + n))
             row += n
         if self.decoder is not None:
             logits = self._decode_fused(decode)
@@ -166,12 +163,6 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[want]) if want else None
         if not want:
             return {}
-        plain, verify, row = [], [], 0
-        for s, n in decode:
-            if s.num_computed_tokens + n == len(s) + len(s.spec_tokens):
-                k = len(s.spec_tokens)
-                (verify if k else plain).append((s, row, row + k + 1))
-                row += k + 1
         out = {}
         if plain:
             rows = [r for _, r, _ in plain]
@@ -186,10 +177,8 @@ class ModelRunner:
         """Logits of every decode row through the C++ decoder, the metadata as plain lists."""
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
-        nblk = -(-max(s.num_computed_tokens + n for s, n in decode) // bs)
-        for s, n in decode:
+        for (s, n), table in zip(decode, self._padded_tables(decode)[1]):
             start = s.num_computed_tokens
-            table = s.block_table[:nblk] + [0] * (nblk - min(nblk, len(s.block_table)))
             ids.extend(self._inputs(s, start, n))
             for p in range(start, start + n):
                 pos.append(p)
@@ -200,9 +189,9 @@ class ModelRunner:
         meta = torch.tensor([ids, pos, slots, lens])
         return self.decoder(meta[0], meta[1], meta[2], torch.tensor(tables), meta[3])
 
-    def _forward(self, ordered, input_ids, positions, meta) -> dict[int, int]:
-        """One pass of the PyTorch model over a phase's tokens; samples the rows that end
-        their sequence's known tokens."""
+    def _forward(self, ordered, input_ids, positions, meta) -> dict[int, list[int]]:
+        """One pass of the PyTorch model over prompt chunks; samples the rows that end their
+        sequence's known tokens."""
         hidden = self.model(input_ids.to(self.device), positions.to(self.device), meta)
         rows, sample_seqs = [], []
         end = 0
