@@ -60,8 +60,9 @@ def gguf_file(shape: str, qtype: str, llama_quantize: str | None = None) -> str:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from gguf_writer_util import write_gguf_from_hf
         print(f"writing {path} ...", file=sys.stderr, flush=True)
-        write_gguf_from_hf(hf, path + ".tmp", qtype)
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"   # per process: concurrent runs may make the same file
+        write_gguf_from_hf(hf, tmp, qtype)
+        os.replace(tmp, path)
     return path
 
 
