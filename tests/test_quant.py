@@ -195,6 +195,24 @@ def test_gguf_dequantize_bit_exact(qt):
     assert mine.dtype == np.float32 and np.array_equal(mine.view(np.uint32), ref.view(np.uint32))
 
 
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=[t.name for t in GGUF_TYPES])
+def test_chunked_repack_is_identical_and_releases_every_byte(qt, monkeypatch):
+    """A large tensor is repacked a few rows at a time, each chunk's file bytes released once
+    copied: the result equals the one-shot repack, and the released ranges tile the data."""
+    data = _ggml_random(qt, 23, 768, np.random.default_rng(3))
+    whole = Q.from_gguf(data, qt, (23, 768))
+    monkeypatch.setattr(Q, "_REPACK_CHUNK", data.nbytes // 23 * 5)   # 5 rows a chunk
+    released = []
+    chunked = Q.from_gguf(data, qt, (23, 768), release=lambda off, n: released.append((off, n)))
+    assert type(chunked) is type(whole)
+    for name in ("q", "scale", "min"):
+        a, b = getattr(whole, name), getattr(chunked, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    assert len(released) == 5 and released[0][0] == 0
+    assert all(o1 == o0 + n0 for (o0, n0), (o1, _) in zip(released, released[1:]))
+    assert sum(n for _, n in released) == data.nbytes
+
+
 def test_gguf_float_types():
     w = np.random.default_rng(3).standard_normal((3, 8)).astype(np.float32)
     for qt, arr in [(GT.F32, w), (GT.F16, w.astype(np.float16))]:

@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from miaotui.config import MiaotuiError
@@ -94,17 +95,44 @@ def resident_bytes(t) -> int:
     return min(n, resident)
 
 
+def _libc_handle():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
 def return_freed_memory() -> None:
     """Hand the allocator's free memory back to the system (glibc's malloc_trim). Loading
     frees one temporary per tensor; glibc keeps such memory for reuse (its mmap threshold
     rises with the sizes freed), so without this it stays in the RSS."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.malloc_trim(ctypes.c_size_t(0))
+        _libc_handle().malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):   # not glibc
         pass
+
+
+_M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter (malloc.h)
+
+
+@contextmanager
+def unpooled_large_allocations(threshold: int = 1 << 20):
+    """While the block runs, glibc serves allocations of `threshold` bytes and more with
+    their own mappings, returned to the system when freed. Loading frees a temporary per
+    tensor; glibc would otherwise keep them for reuse (its mmap threshold rising to 32 MiB
+    with the sizes freed) and a TinyLlama Q8_0 load peaked ~100 MB above what it keeps.
+    Afterwards the threshold stays at 32 MiB (glibc's own ceiling), and the freed memory
+    is trimmed."""
+    try:
+        ok = _libc_handle().mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):   # not glibc
+        ok = 0
+    try:
+        yield
+    finally:
+        if ok:
+            _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        return_freed_memory()
 
 
 def parse_bytes(text) -> int:
@@ -184,9 +212,11 @@ def workspace_bytes(cfg, step_tokens: int, logit_rows: int) -> int:
     """Peak activations of one step of `step_tokens` tokens: one layer's intermediates live
     at a time (residual, normed x, q/k/v, attention out, gate/up, activation) and the logits
     of `logit_rows` rows."""
+    from miaotui.models.llama import MLP_ROWS   # the MLP takes prompt rows this many at a time
     h, i = cfg.hidden_size, cfg.intermediate_size
-    per_token = 3 * h + 2 * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size + 3 * i
-    return ACT_BYTES * (step_tokens * per_token + logit_rows * cfg.vocab_size)
+    per_token = 3 * h + 2 * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size
+    return ACT_BYTES * (step_tokens * per_token + min(step_tokens, MLP_ROWS) * 3 * i
+                        + logit_rows * cfg.vocab_size)
 
 
 # bytes per GGUF block once repacked (layers/quant.py): as stored for Q8_0/Q4_0/Q4_1, more for

@@ -102,10 +102,13 @@ class Linear(nn.Module):
         raw data may be a view of the file's map, released after this call); the shards are
         merged in `finish_raw`."""
         from miaotui.layers.quant import from_gguf
+        release = getattr(raw, "release", None)   # repack a chunk at a time, releasing the file's pages
         if self.tp_rows is not None or self.tp_cols is not None:   # tensor parallel: this rank's part
             from miaotui.distributed.tp import slice_raw
-            raw = slice_raw(raw, None if self.tp_rows is None else self.tp_rows[shard], self.tp_cols)
-        self._raw_parts[shard] = from_gguf(raw.data, raw.qtype, raw.shape)
+            raw, release = slice_raw(raw, None if self.tp_rows is None else self.tp_rows[shard], self.tp_cols), None
+        self._raw_parts[shard] = from_gguf(raw.data, raw.qtype, raw.shape, release)
+        if len(self._raw_parts) == len(self.output_sizes):   # merge now, while less is resident
+            self.finish_raw()
 
     def finish_raw(self) -> None:
         if not self._raw_parts:

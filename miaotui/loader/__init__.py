@@ -106,7 +106,9 @@ def build_model(ckpt, dtype: torch.dtype = torch.float32, quantization: str | No
     keep_gguf = hasattr(ckpt, "raw_tensors") and quantization is None
     weights = ckpt.raw_tensors() if keep_gguf else ckpt.tensors()
     t0 = time.perf_counter()
-    model.load_weights(_progress(weights, ckpt, progress))
+    from miaotui.bench.memory import unpooled_large_allocations
+    with unpooled_large_allocations():   # each tensor's temporaries: not kept by the allocator
+        model.load_weights(_progress(weights, ckpt, progress))
     if tp is not None:
         from miaotui.distributed.tp import finish_shard
         finish_shard(model)

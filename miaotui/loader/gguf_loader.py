@@ -58,6 +58,7 @@ class GGUFRaw(NamedTuple):
     hf_transposed: bool = False
     source: tuple | None = None   # (file path, byte offset) of data as stored, when it is
                                   # exactly the file's bytes (not un-permuted or shifted)
+    release: object = None        # with source: release(offset, nbytes) drops those bytes' pages
 
 
 class _TensorInfo(NamedTuple):
@@ -499,6 +500,10 @@ class GGUFCheckpoint:
             yield self._names[t.name], torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
             release_pages(self._buf, t.offset, t.nbytes)
 
+    def _releaser(self, base: int):
+        """release(offset, nbytes) for the bytes of the tensor stored at file offset `base`."""
+        return lambda offset, nbytes: release_pages(self._buf, base + offset, nbytes)
+
     def raw_tensors(self) -> Iterator[tuple[str, GGUFRaw]]:
         """(HF name, GGUFRaw) without dequantizing.
 
@@ -515,8 +520,11 @@ class GGUFCheckpoint:
             data, qtype = self._rows_fixed(t, stored), t.qtype
             if self._is_gemma_norm(t):
                 data, qtype = self._dequant(t) - np.float32(1.0), QT.F32
-            source = (self.path, t.offset) if data is stored else None
-            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t), source)
+            source = release = None
+            if data is stored:
+                source = (self.path, t.offset)
+                release = self._releaser(t.offset)
+            yield self._names[t.name], GGUFRaw(data, qtype, tuple(t.shape), self._is_conv1d(t), source, release)
             release_pages(self._buf, t.offset, t.nbytes)
 
 

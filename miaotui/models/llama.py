@@ -85,6 +85,14 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
+# Prompt rows go through the MLP this many at a time on CPU: its gate/up output and
+# activation (3 x intermediate_size floats a row) are a step's largest intermediates, and
+# slicing them halves a 512-token chunk's workspace there (-17 MB on TinyLlama-1.1B) at no
+# measured cost in CPU time (256 rows still fill the packed GEMM's tiles; 128 cost 5%). Rows
+# are independent, so every row's result is the same whatever the slicing.
+MLP_ROWS = 256
+
+
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -93,6 +101,11 @@ class LlamaMLP(nn.Module):
         self.act = get_activation(cfg.hidden_act)
 
     def forward(self, x):
+        if x.shape[0] <= MLP_ROWS or x.device.type != "cpu":
+            return self._rows(x)
+        return torch.cat([self._rows(x[i:i + MLP_ROWS]) for i in range(0, x.shape[0], MLP_ROWS)])
+
+    def _rows(self, x):
         return self.down_proj(gated(self.act, self.gate_up_proj(x)))
 
 
