@@ -281,6 +281,16 @@ def test_prefill_attention_triton(interp, dtype, window, softcap):
     close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap), dtype)
 
 
+def test_prefill_attention_triton_window_narrower_than_a_key_tile(interp):
+    """Without GQA a tile holds 32 queries: with window 2 the later ones see no key in the
+    first key tile (a row whose running max is still -inf must not turn into NaN)."""
+    tables, kc, vc, H = paged_case([40], block_size=4, kvh=2, groups=1)
+    cu, st = torch.tensor([0, 40], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    q = torch.randn(40, H, 16)
+    got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 4, 0.3, 2)
+    close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 4, 0.3, 2), torch.float32)
+
+
 def test_prefill_and_decode_kernels_agree_on_a_token(interp):
     """The last prompt token computed as a prefill row equals it computed as a decode row."""
     from miaotui.kernels import triton_ops

@@ -209,7 +209,7 @@ def _attn_blocks(q: torch.Tensor, D: int, G: int, rows: int) -> tuple[int, int, 
     """(BLOCK_M, BLOCK_G, BLOCK_N, num_warps) for ~rows query rows per program."""
     bg = _p2(G)
     if q.device.type != "cuda":
-        return (1, max(bg, 16), 16, 4) if rows == 1 else (max(1, 16 // bg), bg, 16, 4)
+        return (1, max(bg, 16), 16, 4) if rows == 1 else (max(1, 32 // bg), bg, 16, 4)
     bd = _p2(D)
     if rows == 1:   # decode: the group padded to tl.dot's 16 rows
         return 1, max(bg, 16), 64 if bd <= 128 else 32, 4
