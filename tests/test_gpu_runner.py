@@ -12,7 +12,7 @@ import torch
 
 from miaotui import LLM, SamplingParams
 from miaotui.config import MiaotuiError
-from miaotui.engine.gpu_runner import GPURunner, graph_sizes, pick_size
+from miaotui.engine.gpu_runner import GPURunner, graph_sizes, kv_budget, pick_size
 from miaotui.engine.llm_engine import EngineConfig, resolve_device
 from miaotui.engine.model_runner import ModelRunner
 from miaotui.engine.sequence import Sequence
@@ -224,6 +224,17 @@ def test_random_weights_on_the_device(tiny_dirs, triton_cpu):
     assert len(out.token_ids) == 4
     with pytest.raises(MiaotuiError, match="dummy"):
         LLM(d, load_format="random")
+
+
+def test_kv_budget_arithmetic():
+    GiB = 1 << 30
+    # 100 GiB device, 0.9 of it; weights 10 GiB, a step peaking 2 GiB above them; the CUDA
+    # context 1 GiB outside the allocator (reserved 12 GiB, 13 GiB used)
+    args = dict(total=100 * GiB, free=87 * GiB, reserved=12 * GiB, base=10 * GiB, peak=12 * GiB,
+                utilization=0.9, step_tokens=2048)
+    assert kv_budget(**args, graph_rows=0) == 90 * GiB - 12 * GiB - 1 * GiB
+    assert kv_budget(**args, graph_rows=256) == 77 * GiB - 2 * GiB // 8   # graphs: 256/2048 of the step
+    assert kv_budget(**{**args, "utilization": 0.1}, graph_rows=0) < 0   # the engine refuses it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -221,6 +221,17 @@ def profile_kv_bytes(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtyp
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    outside = max(0, (total - free) - torch.cuda.memory_reserved(device))
-    graph = (peak - base) * min(1.0, min(max_num_seqs, GRAPH_MAX_BATCH) / step_tokens) if graphs else 0
+    graph_rows = min(max_num_seqs, GRAPH_MAX_BATCH) if graphs else 0
+    return kv_budget(total, free, torch.cuda.memory_reserved(device), base, peak, utilization,
+                     step_tokens, graph_rows)
+
+
+def kv_budget(total: int, free: int, reserved: int, base: int, peak: int, utilization: float,
+              step_tokens: int, graph_rows: int) -> int:
+    """The KV pool's bytes: utilization x total, minus the profiled peak (weights ``base``
+    + the step's activations), minus what the device holds outside PyTorch's allocator
+    (used - reserved: the CUDA context, cuBLAS workspaces), minus the decode graphs' pool,
+    estimated as the step's activations scaled to ``graph_rows`` of ``step_tokens`` rows."""
+    outside = max(0, (total - free) - reserved)
+    graph = (peak - base) * min(1.0, graph_rows / step_tokens)
     return int(total * utilization - peak - outside - graph)
