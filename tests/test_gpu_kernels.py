@@ -118,6 +118,17 @@ def test_prefill_ref_matches_cpu_kernel(window):
     torch.testing.assert_close(ref, cpu, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_ref_in_chunks_of_rows(monkeypatch):
+    """A long batch is gathered a chunk of rows at a time: the same result."""
+    lens = [5, 9, 2, 7, 1]
+    tables, kc, vc, H = paged_case(lens, block_size=4)
+    q, sl = torch.randn(5, H, 16), torch.tensor(lens, dtype=torch.int32)
+    whole = gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 4, 0.3)
+    monkeypatch.setattr(gpu, "_GATHER_ELEMENTS", 2 * tables.shape[1] * 4 * 2 * 16)   # two rows
+    torch.testing.assert_close(gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 4, 0.3), whole,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_softcap_ref():
     tables, kc, vc, H = paged_case([6], block_size=4, kvh=1, groups=1)
     q = torch.randn(1, H, 16) * 4
@@ -485,3 +496,20 @@ def test_gpu_kernels_replay_in_a_cuda_graph(cuda):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, step())
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
+    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import sys
+    if not gpu.triton_available():
+        pytest.skip("triton is not importable here (pip install triton)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--quick"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "variants compiled for sm_90" in r.stdout
