@@ -26,8 +26,10 @@ def default_model_path() -> str:
     return path
 
 
-def open_checkpoint(path: str | None):
-    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model)."""
+def open_checkpoint(path: str | None, weights: bool = True):
+    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model). weights=False
+    (random weights, EngineConfig.load_format "dummy"): a Hugging Face directory's config.json
+    and tokenizer, no weight files needed."""
     path = os.fspath(path) if path else default_model_path()  # a pathlib.Path too
     if not os.path.exists(path):
         raise MiaotuiError(f"model path not found: {path}")
@@ -37,7 +39,10 @@ def open_checkpoint(path: str | None):
         if not os.path.isfile(os.path.join(path, "config.json")) and len(ggufs) == 1:
             path = os.path.join(path, ggufs[0])
         else:
-            return HFCheckpoint(path)
+            return HFCheckpoint(path, weights)
+    if not weights:
+        raise MiaotuiError(f"{path}: random weights (load_format 'dummy') need a Hugging Face "
+                           "directory with config.json and a tokenizer")
     if path.endswith((".bin", ".pt", ".pth")):
         raise MiaotuiError(f"{path}: pickle checkpoints are refused (they can run code); "
                            "convert to safetensors or GGUF first")
