@@ -1,9 +1,12 @@
 """miaotui.kernels.gpu: the PyTorch references against the CPU code they stand for, and
 the Triton kernels against the references (in Triton's interpreter on CPU; on a real GPU
 with ``-m gpu``)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from miaotui import kernels
 from miaotui.config import MiaotuiError
@@ -229,15 +232,19 @@ DTYPES = [torch.float32, torch.bfloat16]
 ALL_DTYPES = DTYPES + [torch.float16]
 
 
+def triton_version() -> tuple[int, int]:
+    import triton
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 @pytest.fixture
 def interp(monkeypatch):
     """The Triton-on-CPU test mode for one test (the env is restored after it)."""
     if not gpu.triton_available():
         pytest.skip("triton is not importable here (pip install triton)")
-    import triton
     from miaotui.kernels import triton_ops
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9):
-        pytest.skip(f"triton {triton.__version__}'s interpreter cannot loop to bounds computed from "
+    if triton_version() < (3, 9):
+        pytest.skip(f"triton {triton_ops.triton.__version__}'s interpreter cannot loop to bounds computed from "
                     "program ids (3.6 fails; 3.9 works): pip install 'triton>=3.9'")
     if not triton_ops.interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (conftest.py sets it "
@@ -505,18 +512,34 @@ def test_gpu_kernels_replay_in_a_cuda_graph(cuda):
     assert torch.equal(out, step())
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
-    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
-    import os
-    import subprocess
-    import sys
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """scripts/<name> in a fresh process (triton decides interpreter or compiler at import)."""
     if not gpu.triton_available():
         pytest.skip("triton is not importable here (pip install triton)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MIAOTUI_TRITON_CPU")}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--quick"],
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", name), *args],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
+    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
+    r = run_script("triton_compile_check.py", "--quick")
     assert "variants compiled for sm_90" in r.stdout
+
+
+def test_gpu_kernel_bench_smoke(tmp_path):
+    """The GPU bandwidth benchmark runs (tiny shapes, CPU, interpreter) and writes its JSON."""
+    if triton_version() < (3, 9):
+        pytest.skip("the smoke run needs triton>=3.9's interpreter")
+    out = tmp_path / "kernels.json"
+    run_script("gpu_kernel_bench.py", "--smoke", "--json", str(out))
+    import json
+    rows = json.loads(out.read_text())["kernels"]
+    assert {r["kernel"].split()[0] for r in rows} == {"dense", "quant_matmul", "paged_decode_attention",
+                                                     "add_rms_norm"}
+    assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
