@@ -244,8 +244,8 @@ def interp(monkeypatch):
         pytest.skip("triton is not importable here (pip install triton)")
     from miaotui.kernels import triton_ops
     if triton_version() < (3, 9):
-        pytest.skip(f"triton {triton_ops.triton.__version__}'s interpreter cannot loop to bounds computed from "
-                    "program ids (3.6 fails; 3.9 works): pip install 'triton>=3.9'")
+        pytest.skip(f"triton {triton_ops.triton.__version__}'s interpreter cannot loop to bounds "
+                    "computed from program ids (3.6 fails; 3.9 works): pip install 'triton>=3.9'")
     if not triton_ops.interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (conftest.py sets it "
                     "when there is no GPU): its kernels are compiled for a GPU")
