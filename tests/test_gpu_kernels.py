@@ -303,6 +303,8 @@ def test_prefill_attention_triton(interp, dtype, window, softcap):
     q = torch.randn(23, H, 32).to(dtype)
     got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap)
     close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap), dtype)
+    assert torch.equal(gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap,
+                                                   max_seqlen_q=13), got)
 
 
 def test_prefill_attention_triton_window_narrower_than_a_key_tile(interp):

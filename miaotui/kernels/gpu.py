@@ -163,15 +163,18 @@ def _token_rows(cu_seqlens_q: torch.Tensor, start_pos: torch.Tensor, T: int):
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             start_pos: torch.Tensor, block_size: int, scale: float,
-                            window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                            window: int = 0, softcap: float = 0.0,
+                            max_seqlen_q: int | None = None) -> torch.Tensor:
     """q [T, H, D]: the chunks of N sequences packed back to back (cu_seqlens_q [N+1]),
     chunk i's first token at position start_pos[i]; the chunk's K/V and everything before
     it are in the cache (store_kv runs first). The query at position p attends to the
-    positions (p - window, p] (window 0: [0, p]) -> [T, H, D]."""
+    positions (p - window, p] (window 0: [0, p]) -> [T, H, D]. ``max_seqlen_q``: the
+    longest chunk when the caller knows it (else read from cu_seqlens_q: a device sync)."""
     _check_float("paged_prefill_attention", q, k_cache, v_cache)
     if use_triton(q):
         return _ops().paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens_q,
-                                              start_pos, block_size, scale, window, softcap)
+                                              start_pos, block_size, scale, window, softcap,
+                                              max_seqlen_q=max_seqlen_q)
     return paged_prefill_attention_ref(q, k_cache, v_cache, tables, cu_seqlens_q, start_pos,
                                        block_size, scale, window, softcap)
 
