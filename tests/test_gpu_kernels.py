@@ -351,6 +351,16 @@ def test_quant_matmul_triton_16bit(interp, M, dtype):
     assert err < 1e-2
 
 
+def test_quant_matmul_row_stack(interp):
+    """q, k, v of different formats (a Q4_K_M file's v is Q6_K): the parts side by side."""
+    from miaotui.layers.linear import concat_rows
+    ws = int_weights()
+    stack = concat_rows([ws["int4_sym32"], ws["int4_asym64"]])
+    assert hasattr(stack, "parts")
+    x = torch.randn(3, 128)
+    close(gpu.quant_matmul(x, stack), x @ stack.dequantize().T, torch.float32)
+
+
 def test_quant_matmul_triton_odd_block(interp):
     """A block that no tile size divides (quant.py makes none): the per-element scale path."""
     q8 = torch.randint(-128, 128, (24, 192), dtype=torch.int8)
