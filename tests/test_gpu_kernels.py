@@ -555,3 +555,32 @@ def test_gpu_kernel_bench_smoke(tmp_path):
     assert {r["kernel"].split()[0] for r in rows} == {"dense", "quant_matmul", "paged_decode_attention",
                                                      "add_rms_norm"}
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)])
+def test_gpu_other_dtypes(cuda, dtype, tol):
+    """float16 and float32 activations: store_kv, both attentions, quant_matmul (GEMV, GEMM)."""
+    lens = [700, 1, 0, 129]
+    tables, kc, vc, H = paged_case(lens, block_size=16, kvh=2, groups=4, d=128, dtype=dtype, device=cuda)
+    k = torch.randn(4, 2, 128, device=cuda, dtype=dtype)
+    slots = torch.tensor([5, -1, 40, -1], dtype=torch.int32, device=cuda)
+    want_k, want_v = kc.clone(), vc.clone()
+    gpu.store_kv(k, k, kc, vc, slots)
+    gpu.store_kv_ref(k, k, want_k, want_v, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    q = torch.randn(4, H, 128, device=cuda, dtype=dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=cuda)
+    assert rel_err(gpu.paged_decode_attention(q, kc, vc, tables, sl, 16, 0.09),
+                   gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 16, 0.09)) < tol
+    cu = torch.tensor([0, 300, 301, 301, 430], dtype=torch.int32, device=cuda)
+    st = torch.tensor([400, 0, 0, 0], dtype=torch.int32, device=cuda)
+    qp = torch.randn(430, H, 128, device=cuda, dtype=dtype)
+    assert rel_err(gpu.paged_prefill_attention(qp, kc, vc, tables, cu, st, 16, 0.09, 256),
+                   gpu.paged_prefill_attention_ref(qp, kc, vc, tables, cu, st, 16, 0.09, 256)) < tol
+    qw = quant.quantize_int4(torch.randn(2048, 1024) * 0.02, 64, symmetric=False)
+    qw.q, qw.scale, qw.min = qw.q.to(cuda), qw.scale.to(cuda), qw.min.to(cuda)
+    for M in (1, 3, 100):
+        x = torch.randn(M, 1024, device=cuda, dtype=dtype)
+        assert rel_err(gpu.quant_matmul(x, qw), gpu.quant_matmul_ref(x, qw)) < max(tol, 1e-3)
