@@ -1,9 +1,12 @@
 """miaotui.kernels.gpu: the PyTorch references against the CPU code they stand for, and
 the Triton kernels against the references (in Triton's interpreter on CPU; on a real GPU
 with ``-m gpu``)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from miaotui import kernels
 from miaotui.config import MiaotuiError
@@ -229,12 +232,20 @@ DTYPES = [torch.float32, torch.bfloat16]
 ALL_DTYPES = DTYPES + [torch.float16]
 
 
+def triton_version() -> tuple[int, int]:
+    import triton
+    return tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
 @pytest.fixture
 def interp(monkeypatch):
     """The Triton-on-CPU test mode for one test (the env is restored after it)."""
     if not gpu.triton_available():
         pytest.skip("triton is not importable here (pip install triton)")
     from miaotui.kernels import triton_ops
+    if triton_version() < (3, 9):
+        pytest.skip(f"triton {triton_ops.triton.__version__}'s interpreter cannot loop to bounds "
+                    "computed from program ids (3.6 fails; 3.9 works): pip install 'triton>=3.9'")
     if not triton_ops.interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (conftest.py sets it "
                     "when there is no GPU): its kernels are compiled for a GPU")
@@ -292,6 +303,8 @@ def test_prefill_attention_triton(interp, dtype, window, softcap):
     q = torch.randn(23, H, 32).to(dtype)
     got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap)
     close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap), dtype)
+    assert torch.equal(gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap,
+                                                   max_seqlen_q=13), got)
 
 
 def test_prefill_attention_triton_window_narrower_than_a_key_tile(interp):
@@ -336,6 +349,16 @@ def test_quant_matmul_triton_16bit(interp, M, dtype):
     # the GEMM rounds W to bfloat16 for tl.dot: compare against the size of the output
     err = (got.float() - want.float()).abs().max() / want.float().abs().max()
     assert err < 1e-2
+
+
+def test_quant_matmul_row_stack(interp):
+    """q, k, v of different formats (a Q4_K_M file's v is Q6_K): the parts side by side."""
+    from miaotui.layers.linear import concat_rows
+    ws = int_weights()
+    stack = concat_rows([ws["int4_sym32"], ws["int4_asym64"]])
+    assert hasattr(stack, "parts")
+    x = torch.randn(3, 128)
+    close(gpu.quant_matmul(x, stack), x @ stack.dequantize().T, torch.float32)
 
 
 def test_quant_matmul_triton_odd_block(interp):
@@ -501,18 +524,63 @@ def test_gpu_kernels_replay_in_a_cuda_graph(cuda):
     assert torch.equal(out, step())
 
 
-def test_kernels_compile_for_sm90():
-    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
-    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
-    import os
-    import subprocess
-    import sys
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """scripts/<name> in a fresh process (triton decides interpreter or compiler at import)."""
     if not gpu.triton_available():
         pytest.skip("triton is not importable here (pip install triton)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MIAOTUI_TRITON_CPU")}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--quick"],
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", name), *args],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
+    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
+    r = run_script("triton_compile_check.py", "--quick")
     assert "variants compiled for sm_90" in r.stdout
+
+
+def test_gpu_kernel_bench_smoke(tmp_path):
+    """The GPU bandwidth benchmark runs (tiny shapes, CPU, interpreter) and writes its JSON."""
+    if triton_version() < (3, 9):
+        pytest.skip("the smoke run needs triton>=3.9's interpreter")
+    out = tmp_path / "kernels.json"
+    run_script("gpu_kernel_bench.py", "--smoke", "--json", str(out))
+    import json
+    rows = json.loads(out.read_text())["kernels"]
+    assert {r["kernel"].split()[0] for r in rows} == {"dense", "quant_matmul", "paged_decode_attention",
+                                                     "add_rms_norm"}
+    assert all(r["us"] > 0 and r["bytes"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.float32, 1e-4)])
+def test_gpu_other_dtypes(cuda, dtype, tol):
+    """float16 and float32 activations: store_kv, both attentions, quant_matmul (GEMV, GEMM)."""
+    lens = [700, 1, 0, 129]
+    tables, kc, vc, H = paged_case(lens, block_size=16, kvh=2, groups=4, d=128, dtype=dtype, device=cuda)
+    k = torch.randn(4, 2, 128, device=cuda, dtype=dtype)
+    slots = torch.tensor([5, -1, 40, -1], dtype=torch.int32, device=cuda)
+    want_k, want_v = kc.clone(), vc.clone()
+    gpu.store_kv(k, k, kc, vc, slots)
+    gpu.store_kv_ref(k, k, want_k, want_v, slots)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    q = torch.randn(4, H, 128, device=cuda, dtype=dtype)
+    sl = torch.tensor(lens, dtype=torch.int32, device=cuda)
+    assert rel_err(gpu.paged_decode_attention(q, kc, vc, tables, sl, 16, 0.09),
+                   gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 16, 0.09)) < tol
+    cu = torch.tensor([0, 300, 301, 301, 430], dtype=torch.int32, device=cuda)
+    st = torch.tensor([400, 0, 0, 0], dtype=torch.int32, device=cuda)
+    qp = torch.randn(430, H, 128, device=cuda, dtype=dtype)
+    assert rel_err(gpu.paged_prefill_attention(qp, kc, vc, tables, cu, st, 16, 0.09, 256),
+                   gpu.paged_prefill_attention_ref(qp, kc, vc, tables, cu, st, 16, 0.09, 256)) < tol
+    qw = quant.quantize_int4(torch.randn(2048, 1024) * 0.02, 64, symmetric=False)
+    qw.q, qw.scale, qw.min = qw.q.to(cuda), qw.scale.to(cuda), qw.min.to(cuda)
+    for M in (1, 3, 100):
+        x = torch.randn(M, 1024, device=cuda, dtype=dtype)
+        assert rel_err(gpu.quant_matmul(x, qw), gpu.quant_matmul_ref(x, qw)) < max(tol, 1e-3)

@@ -2,10 +2,11 @@
 
 Each function runs its Triton kernel (miaotui/kernels/triton_ops.py) when ``use_triton(t)``
 says so: the tensor is on a CUDA device and triton imports, or the Triton-on-CPU test mode
-is on (``MIAOTUI_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1``: the kernels then run
-in Triton's interpreter on CPU tensors, which is how tests/test_gpu_kernels.py checks them
-without a GPU). Otherwise it runs the PyTorch reference beside it, which has the same
-semantics, runs on any device, and is what the tests compare the kernels against.
+is on (``MIAOTUI_TRITON_CPU=1``, with ``TRITON_INTERPRET=1`` set before triton was first
+imported, as tests/conftest.py does on machines without a GPU: the kernels then run in
+Triton's interpreter on CPU tensors, which is how tests/test_gpu_kernels.py checks them).
+Otherwise it runs the PyTorch reference beside it, which has the same semantics, runs on
+any device, and is what the tests compare the kernels against.
 
 Activations are bfloat16, float16 or float32; arithmetic is float32; outputs have the
 activation's dtype. The KV cache layout is layers/attention.py's KVCache: one pool of
@@ -24,6 +25,11 @@ pos % block_size). The int8 KV cache is CPU-only (these functions refuse it).
 On the GPU, batch invariance is NOT promised (unlike the CPU kernels): quant_matmul picks
 its GEMV or GEMM kernel by the number of rows, and decode attention splits long contexts
 across programs when the batch is small, so a row's last bits may depend on the batch.
+
+CUDA graphs: the Triton paths launch no host sync and can be captured (decode's split count
+depends on the batch size and the block tables' width, both fixed in a captured graph);
+paged_prefill_attention syncs once unless given ``max_seqlen_q``. The references are for
+tests and for machines without triton; store_kv_ref's masked indexing syncs.
 """
 from __future__ import annotations
 
@@ -157,15 +163,18 @@ def _token_rows(cu_seqlens_q: torch.Tensor, start_pos: torch.Tensor, T: int):
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             start_pos: torch.Tensor, block_size: int, scale: float,
-                            window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                            window: int = 0, softcap: float = 0.0,
+                            max_seqlen_q: int | None = None) -> torch.Tensor:
     """q [T, H, D]: the chunks of N sequences packed back to back (cu_seqlens_q [N+1]),
     chunk i's first token at position start_pos[i]; the chunk's K/V and everything before
     it are in the cache (store_kv runs first). The query at position p attends to the
-    positions (p - window, p] (window 0: [0, p]) -> [T, H, D]."""
+    positions (p - window, p] (window 0: [0, p]) -> [T, H, D]. ``max_seqlen_q``: the
+    longest chunk when the caller knows it (else read from cu_seqlens_q: a device sync)."""
     _check_float("paged_prefill_attention", q, k_cache, v_cache)
     if use_triton(q):
         return _ops().paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens_q,
-                                              start_pos, block_size, scale, window, softcap)
+                                              start_pos, block_size, scale, window, softcap,
+                                              max_seqlen_q=max_seqlen_q)
     return paged_prefill_attention_ref(q, k_cache, v_cache, tables, cu_seqlens_q, start_pos,
                                        block_size, scale, window, softcap)
 
