@@ -110,7 +110,7 @@ class GPURunner(ModelRunner):
                                  tables=self._to_device(tables, torch.int32),
                                  cu_seqlens_q=self._to_device(cu, torch.int32),
                                  start_pos=self._to_device(starts, torch.int32),
-                                 block_size=bs, window=self.window or 0)
+                                 max_seqlen_q=max(n for _, n in batch), block_size=bs, window=self.window or 0)
         return flat[0], flat[1], meta
 
     def _forward(self, ordered, input_ids, positions, meta) -> dict[int, list[int]]:
@@ -210,7 +210,8 @@ def profile_kv_bytes(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtyp
         meta = AttentionMetadata(slot_mapping=pos, num_prefill_tokens=step_tokens, gpu="prefill",
                                  tables=torch.arange(nblk, dtype=torch.int32, device=device)[None],
                                  cu_seqlens_q=torch.tensor([0, step_tokens], dtype=torch.int32, device=device),
-                                 start_pos=torch.zeros(1, dtype=torch.int32, device=device), block_size=bs)
+                                 start_pos=torch.zeros(1, dtype=torch.int32, device=device),
+                                 max_seqlen_q=step_tokens, block_size=bs)
         with torch.inference_mode(), gpu_path(dtype):
             hidden = model(ids, pos, meta)
             model.compute_logits(hidden[:min(max_num_seqs, step_tokens)])

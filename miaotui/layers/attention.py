@@ -52,6 +52,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None
     cu_seqlens_q: torch.Tensor | None = None
     start_pos: torch.Tensor | None = None
+    max_seqlen_q: int | None = None                 # the longest chunk (spares the kernel a sync)
 
 
 class KVCache:
@@ -156,7 +157,8 @@ class Attention(nn.Module):
                                              self.scale, window)
         else:
             out = gpu.paged_prefill_attention(q, c.k, c.v, meta.tables, meta.cu_seqlens_q, meta.start_pos,
-                                              meta.block_size, self.scale, window)
+                                              meta.block_size, self.scale, window,
+                                              max_seqlen_q=meta.max_seqlen_q)
         return out.reshape(out.shape[0], -1)
 
     def _decode(self, q, k, v, mask):
