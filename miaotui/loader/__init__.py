@@ -26,8 +26,11 @@ def default_model_path() -> str:
     return path
 
 
-def open_checkpoint(path: str | None):
-    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model)."""
+def open_checkpoint(path):
+    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model); a checkpoint
+    object (bench/shapes.py's RandomCheckpoint: weights drawn at load) is used as it is."""
+    if hasattr(path, "tensors") and hasattr(path, "config"):
+        return path
     path = os.fspath(path) if path else default_model_path()  # a pathlib.Path too
     if not os.path.exists(path):
         raise MiaotuiError(f"model path not found: {path}")
