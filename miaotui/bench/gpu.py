@@ -4,7 +4,7 @@
   transformers and through miaotui on the device, fp32 and bf16; tokens-equal prefix and
   log-prob differences against transformers in fp32, with the tolerance stated.
 - decode: batch-1 decode tok/s on random bf16 weights of real shapes drawn on the device
-  (bench/shapes.py's random_checkpoint, no file), CUDA graphs on and off; achieved GB/s
+  (the engine's load_format "dummy", no file), CUDA graphs on and off; achieved GB/s
   (weights + KV read per token / time per token) against the device-to-device copy
   bandwidth measured in the same run and against the HBM peak (4.8 TB/s on an H200).
 - throughput: nano-vllm's bench.py workload (256 requests, prompt and output lengths
@@ -158,6 +158,26 @@ def engine_kwargs(device: str, eager: bool | None = None, **kw) -> dict:
     if device == "cpu":
         kw.pop("gpu_memory_utilization", None)
     return kw
+
+
+def gpu_path(device: str) -> bool:
+    """Whether the engine takes its GPU path on `device` (CUDA, or the Triton-on-CPU mode)."""
+    try:
+        from miaotui.engine import gpu_runner
+    except ImportError:
+        return False
+    return gpu_runner.wanted(device)
+
+
+def random_model(shape: str | dict, device: str) -> tuple[object, dict]:
+    """(model, engine options) for random weights of `shape`: made on the device by the
+    engine (load_format "dummy") on its GPU path, else drawn by the loader
+    (shapes.RandomCheckpoint; the CPU path's fused decoder wants the loaded layout)."""
+    from miaotui.bench.shapes import RandomCheckpoint, config_dir
+    path = config_dir(shape)
+    if gpu_path(device):
+        return path, {"load_format": "dummy"}
+    return RandomCheckpoint(path), {}
 
 
 def has_graph_switch() -> bool:
@@ -341,7 +361,7 @@ def decode_row(label: str, model, device: str, copy_bw: float, prompt_len: int, 
     ctx = prompt_len + n / 2                     # mean context over the generated tokens
     per_token = weights + kv * ctx
     rate = per_token / timing["tpot_s"]
-    return {"model": label, "cuda_graphs": None if eager is None else not eager, "batch": 1,
+    return {"model": label, "cuda_graphs": None if eager is None or device != "cuda" else not eager, "batch": 1,
             "prompt_len": prompt_len, "output_len": n, "decode_tok_s": 1 / timing["tpot_s"],
             **timing, "load_s": load_s, "weight_bytes": weights, "kv_bytes_per_ctx_token": kv,
             "bytes_per_token": per_token, "achieved_bytes_per_s": rate,
@@ -371,7 +391,6 @@ def _decode_table(rows: list[dict]) -> str:
 
 def suite_decode(device: str, out_dir: str, smoke: bool, shapes=("llama3-8b", "tinyllama-1.1b"),
                  prompt_len: int = 128, n: int = 128, repeats: int = 3) -> dict:
-    from miaotui.bench.shapes import random_checkpoint
     if smoke:
         shapes, prompt_len, n, repeats = ("smoke-llama",), 16, 8, 2
     bw = _bandwidth(device, smoke)
@@ -382,11 +401,11 @@ def suite_decode(device: str, out_dir: str, smoke: bool, shapes=("llama3-8b", "t
     for shape in shapes:
         for eager in _mode_list(device):
             try:
-                ckpt = random_checkpoint(SMOKE_LLAMA if shape == "smoke-llama" else shape, device)
-                row = decode_row(shape, ckpt, device, bw["bytes_per_s"], prompt_len, n, repeats, eager,
-                                 dtype="bfloat16")
+                model, opts = random_model(SMOKE_LLAMA if shape == "smoke-llama" else shape, device)
+                row = decode_row(shape, model, device, bw["bytes_per_s"], prompt_len, n, repeats, eager,
+                                 dtype="bfloat16", **opts)
             except Exception as e:
-                row = {"model": shape, "cuda_graphs": None if eager is None else not eager,
+                row = {"model": shape, "cuda_graphs": None if eager is None or device != "cuda" else not eager,
                        "error": f"{type(e).__name__}: {e}"}
             rec.add(row)
     doc = rec.finish()
@@ -409,7 +428,6 @@ def suite_throughput(device: str, out_dir: str, smoke: bool, shape: str = "qwen3
                      num_requests: int = 256, max_num_seqs: int = 256,
                      max_num_batched_tokens: int = 16384) -> dict:
     from miaotui import LLM, SamplingParams
-    from miaotui.bench.shapes import random_checkpoint
     lo, hi, max_id = 100, 1024, 10000
     if smoke:
         shape, num_requests, lo, hi, max_id, max_num_seqs, max_num_batched_tokens = \
@@ -421,9 +439,9 @@ def suite_throughput(device: str, out_dir: str, smoke: bool, shape: str = "qwen3
            "workload": "nano-vllm bench.py"}
     rec = Recorder("throughput", device, cfg, out_dir)
     try:
-        ckpt = random_checkpoint(SMOKE_QWEN3 if shape == "smoke-qwen3" else shape, device)
+        model, opts = random_model(SMOKE_QWEN3 if shape == "smoke-qwen3" else shape, device)
         t0 = time.perf_counter()
-        llm = LLM(ckpt, dtype="bfloat16", **engine_kwargs(
+        llm = LLM(model, dtype="bfloat16", **opts, **engine_kwargs(
             device, None, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=2 * hi + 64, gpu_memory_utilization=0.9,
             kv_cache_memory=float(256 << 20) if device == "cpu" else None))
@@ -522,7 +540,7 @@ def write_random_gguf(shape: str | dict, qtype: str, path: str, seed: int = 0) -
 
 def suite_quant(device: str, out_dir: str, smoke: bool, shape: str = "tinyllama-1.1b",
                 prompt_len: int = 128, n: int = 128, repeats: int = 3) -> dict:
-    from miaotui.bench.shapes import random_checkpoint
+    from miaotui.bench.shapes import RandomCheckpoint, config_dir
     if smoke:
         prompt_len, n, repeats = 16, 8, 2
     dims = SMOKE_LLAMA if smoke else shape
@@ -543,8 +561,8 @@ def suite_quant(device: str, out_dir: str, smoke: bool, shape: str = "tinyllama-
                                      repeats, False if has_graph_switch() else None, dtype="bfloat16")
                     row["gguf_write_s"] = write_s
                     os.remove(model)
-                else:
-                    row = decode_row(f"{label} {fmt}", random_checkpoint(dims, device), device, bw["bytes_per_s"],
+                else:   # quantized at load: drawn on the CPU, where the loader quantizes
+                    row = decode_row(f"{label} {fmt}", RandomCheckpoint(config_dir(dims)), device, bw["bytes_per_s"],
                                      prompt_len, n, repeats, False if has_graph_switch() else None,
                                      dtype="bfloat16", quantization=fmt)
             except Exception as e:

@@ -4,9 +4,10 @@
 safetensors file of seeded random bfloat16 weights and a byte-level tokenizer whose
 vocabulary is padded to the model's size, under ``~/.cache/miaotui/shapes/NAME``.
 Speed depends only on the shapes, so these stand in for the real checkpoints.
-``RandomCheckpoint`` is the same model without the weights file: its tensors are drawn
-when the engine loads them, on the device asked for (a GPU draws 16 GB in milliseconds,
-where writing and reading them back would cost minutes and the disk).
+``config_dir`` is the same model without the weights file, for the engine's random
+weights made on the device (load_format "dummy": a GPU fills 16 GB in milliseconds, where
+writing and reading them back would cost minutes and the disk); ``RandomCheckpoint`` draws
+them as the loader reads them, through the loading path (quantization at load included).
 """
 from __future__ import annotations
 
@@ -121,26 +122,10 @@ def write_random_weights(cfg: dict, file: str, seed: int = 0) -> None:
     save_file(dict(random_tensors(cfg, seed)), file, metadata={"format": "pt"})
 
 
-class RandomCheckpoint(HFCheckpoint):
-    """A checkpoint directory of config.json and tokenizer only, whose weights are drawn
-    (random_tensors) on `device` as the engine loads them."""
-
-    def __init__(self, path: str, seed: int = 0, device: str = "cpu"):
-        self.seed, self.device = seed, device
-        super().__init__(path)
-
-    def _find_files(self) -> list[str]:
-        return []
-
-    def tensors(self):
-        yield from random_tensors(self.hf_config, self.seed, self.device)
-
-
-def random_checkpoint(name: str | dict, device: str = "cpu", seed: int = 0,
-                      root: str | None = None) -> RandomCheckpoint:
-    """Shape `name` (or a SHAPES-like dict) with weights drawn on `device` at load: pass it
-    as the engine's model, ``LLM(random_checkpoint("llama3-8b", "cuda"), ...)``. Its
-    directory (config.json and the tokenizer) is written once."""
+def config_dir(name: str | dict, root: str | None = None) -> str:
+    """A directory of shape `name` (or a SHAPES-like dict) with config.json and the
+    tokenizer only, written once: the model for EngineConfig.load_format "dummy" (random
+    weights made on the device) and for RandomCheckpoint."""
     cfg = hf_config(name)
     key = name if isinstance(name, str) else \
         "custom-" + hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
@@ -153,7 +138,20 @@ def random_checkpoint(name: str | dict, device: str = "cpu", seed: int = 0,
         write_padded_tokenizer(tmp, cfg["vocab_size"])
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    return RandomCheckpoint(path, seed, device)
+    return path
+
+
+class RandomCheckpoint(HFCheckpoint):
+    """A config_dir whose weights (random_tensors) are drawn as the loader reads them: the
+    real loading path (quantization at load included) without a weights file. Pass it as
+    the engine's model: ``LLM(RandomCheckpoint(config_dir("tinyllama-1.1b")), quantization="int4")``."""
+
+    def __init__(self, path: str, seed: int = 0, device: str = "cpu"):
+        self.seed, self.device = seed, device
+        super().__init__(path, weights=False)
+
+    def tensors(self):
+        yield from random_tensors(self.hf_config, self.seed, self.device)
 
 
 def write_padded_tokenizer(path: str, vocab_size: int) -> None:

@@ -34,7 +34,9 @@ KV_DTYPES = {"auto": None, "int8": torch.int8, "fp32": torch.float32, "float32":
 @dataclass
 class EngineConfig:
     model: str | None = None
-    dtype: str = "auto"                  # weights' storage ("auto": as stored, fp32 or 16-bit); compute is fp32
+    # weights' storage ("auto": as stored, fp32 or 16-bit); compute is fp32 on CPU. On CUDA
+    # the compute dtype: "auto" = the checkpoint's 16-bit dtype, else bfloat16
+    dtype: str = "auto"
     quantization: str | None = None      # None (as stored) | "none" | "int8" | "int4"
     group_size: int = 32
     kv_cache_dtype: str = "auto"         # "auto" (= model dtype) | "int8"
@@ -67,6 +69,15 @@ class EngineConfig:
     dist_addr: str | None = None
     dist_port: int | None = None
     dist_timeout: float = 60.0           # seconds to wait for every rank at start-up
+    # the device (engine/gpu_runner.py): "auto" (cuda when torch.cuda.is_available()), "cpu",
+    # "cuda" or "cuda:N"
+    device: str = "auto"
+    # CUDA: the share of the device's memory this engine may use; the KV pool gets what the
+    # weights and a profiled step leave of it (as vLLM's), unless kv_cache_memory is given
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False          # CUDA: no CUDA graphs for decode steps
+    load_format: str = "auto"            # "auto": the checkpoint's weights; "dummy": random ones
+                                         # made on the device (config.json + tokenizer only)
 
 
 @dataclass
@@ -119,10 +130,48 @@ def kv_pool_blocks(config: EngineConfig, max_model_len: int, per_token: int) -> 
     return max(1, min(want, cap))
 
 
+def resolve_device(config: EngineConfig) -> torch.device:
+    """The engine's device from EngineConfig.device, after checking the GPU options (a
+    MiaotuiError for a bad value, or for CUDA asked where there is none)."""
+    name = config.device
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
+                                         (name.startswith("cuda:") and name[5:].isdigit())):
+        raise MiaotuiError(f"unknown device {name!r} (choose from auto, cpu, cuda, cuda:N)")
+    u = config.gpu_memory_utilization
+    if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+        raise MiaotuiError(f"gpu_memory_utilization must be in (0, 1], not {u!r}")
+    if config.load_format not in ("auto", "dummy"):
+        raise MiaotuiError(f"unknown load_format {config.load_format!r} (auto, dummy)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+            raise MiaotuiError(f"device {name!r} asked for, but no CUDA device is available ({build}); "
+                               "use device='cpu' (or 'auto')")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise MiaotuiError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        if config.tensor_parallel_size > 1:
+            raise MiaotuiError("tensor parallel runs on CPU only; on CUDA use tensor_parallel_size=1")
+        if config.memory_budget is not None:
+            raise MiaotuiError("memory_budget sizes a CPU process; on CUDA use gpu_memory_utilization")
+        spec = config.speculative
+        method = spec.get("method") if isinstance(spec, dict) else spec
+        if method in ("draft", "self-int4"):
+            raise MiaotuiError(f"speculative method {method!r} runs on CPU only; on CUDA use 'ngram'")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from miaotui.loader import build_model, load_tokenizer, open_checkpoint
         self.config = config
+        self.device = resolve_device(config)
+        from miaotui.engine import gpu_runner
+        self.gpu_path = gpu_runner.wanted(self.device.type)
         self.tp = None
         if config.tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from miaotui.distributed.worker import TPDriver
@@ -135,23 +184,36 @@ class LLMEngine:
             raise MiaotuiError(f"unknown kv_cache_dtype {config.kv_cache_dtype!r}")
         if config.quantization not in (None, "none", "int8", "int4", "gguf"):
             raise MiaotuiError(f"unknown quantization {config.quantization!r} (none, int8, int4)")
-        ckpt = open_checkpoint(config.model)
+        ckpt = open_checkpoint(config.model, weights=config.load_format != "dummy")
         self.model_path = ckpt.path
         self.model_config = cfg = ckpt.config
         self.tokenizer = load_tokenizer(ckpt, config.chat_template)
         from miaotui.bench import memory   # the breakdown's runtime: torch, Python, tokenizer
         self.rss_before_weights = memory.current_rss()
         dtype = DTYPES[config.dtype]
+        if config.dtype == "auto" and self.device.type == "cuda":
+            stored = getattr(ckpt, "hf_config", {}).get("torch_dtype") or getattr(ckpt, "hf_config", {}).get("dtype")
+            dtype = torch.float16 if stored == "float16" else torch.bfloat16
         quant = None if config.quantization == "gguf" else config.quantization
-        self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
-                                 keep_16bit=config.dtype == "auto", tp=self.tp.group if self.tp else None)
+        if config.load_format == "dummy":
+            from miaotui.loader.placement import random_model
+            self.model = random_model(cfg, dtype, self.device)
+        else:
+            self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
+                                     keep_16bit=config.dtype == "auto", tp=self.tp.group if self.tp else None)
+        if self.gpu_path:
+            from miaotui.loader.placement import move_model
+            move_model(self.model, self.device, dtype)
         del ckpt   # unmap the checkpoint file before the KV pool is allocated: a lower peak
         self.max_model_len = min(config.max_model_len or DEFAULT_MAX_MODEL_LEN,
                                  cfg.max_position_embeddings)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        kv_dtype = KV_DTYPES[config.kv_cache_dtype] or (dtype if dtype != torch.bfloat16 else torch.float32)
+        kv_auto = dtype if dtype != torch.bfloat16 or self.gpu_path else torch.float32
+        kv_dtype = KV_DTYPES[config.kv_cache_dtype] or kv_auto
         per_token = ModelRunner.kv_bytes_per_token(cfg, kv_dtype)
-        if config.memory_budget is not None:
+        if self.device.type == "cuda":
+            num_blocks = self._cuda_blocks(per_token, dtype, kv_dtype)
+        elif config.memory_budget is not None:
             num_blocks = self._budget_blocks(per_token)
         else:
             num_blocks = kv_pool_blocks(config, self.max_model_len, per_token)
@@ -162,8 +224,13 @@ class LLMEngine:
                                    config.max_decode_delay)
         if self.tp:   # the workers build their runners alike
             self.tp.send_pool(num_blocks, kv_dtype, dtype)
-        self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
-                                  dtype=dtype)
+        if self.gpu_path:
+            self.runner = gpu_runner.GPURunner(
+                self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype, self.device, dtype,
+                self.max_model_len, config.max_num_seqs, config.enforce_eager, config.progress)
+        else:
+            self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
+                                      dtype=dtype)
         if self.tp:   # each step goes to the workers first
             self.runner = self.tp.start(self.runner)
         self.requests: dict[str, _Request] = {}
@@ -176,6 +243,29 @@ class LLMEngine:
             self.speculator = speculative.build(spec, self)
             self.runner.verifier = speculative.Verifier(self.eos_ids)
             self.scheduler.on_finish = self.speculator.release
+
+    def _cuda_blocks(self, per_token: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> int:
+        """KV blocks on a CUDA device: kv_cache_memory's worth when given (bytes, or a
+        fraction < 1 of the device's free memory), else what gpu_memory_utilization leaves
+        after the weights and a profiled step (gpu_runner.profile_kv_bytes)."""
+        from miaotui.bench.memory import fmt_bytes
+        from miaotui.engine.gpu_runner import profile_kv_bytes
+        c = self.config
+        if c.kv_cache_memory is not None:
+            budget = c.kv_cache_memory
+            if budget < 1:
+                budget *= torch.cuda.mem_get_info(self.device)[0]
+        else:
+            step = min(c.max_num_batched_tokens, self.max_model_len)
+            budget = profile_kv_bytes(self.model, self.model_config, dtype, kv_dtype, self.device,
+                                      c.gpu_memory_utilization, step, c.max_num_seqs, not c.enforce_eager)
+        need = self.max_model_len * per_token
+        if budget < need:
+            raise MiaotuiError(
+                f"the KV cache gets {fmt_bytes(max(budget, 0))} of GPU memory but one {self.max_model_len}-token "
+                f"sequence needs {fmt_bytes(need)}; raise gpu_memory_utilization "
+                f"({c.gpu_memory_utilization}) or kv_cache_memory, or lower max_model_len")
+        return int(budget // (per_token * c.block_size))
 
     def _budget_blocks(self, per_token: int) -> int:
         """KV blocks that memory_budget leaves after the runtime, the weights and a step."""

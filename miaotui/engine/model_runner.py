@@ -153,16 +153,10 @@ class ModelRunner:
                 (verify if k else plain).append((s, len(want), len(want) + k + 1))
                 want.extend(range(row + n - 1 - k, row + n))
             row += n
-        if self.decoder is not None:
-            logits = self._decode_fused(decode)
-            logits = logits if len(want) == row else logits[want]
-        else:
-            with exact_activations(False):
-                ids, positions, meta = self.prepare(decode, decode=True)
-                hidden = self.model(ids.to(self.device), positions.to(self.device), meta)
-                logits = self.model.compute_logits(hidden[want]) if want else None
-        if not want:
+        if not want:   # (replayed tokens only: their K/V is all this step needs)
+            self._decode_logits(decode, want, row)
             return {}
+        logits = self._decode_logits(decode, want, row)
         out = {}
         if plain:
             rows = [r for _, r, _ in plain]
@@ -170,21 +164,38 @@ class ModelRunner:
             seqs = [s for s, _, _ in plain]
             out.update((s.seq_id, [t]) for s, t in zip(seqs, self.sampler(sub, seqs)))
         for s, r0, r1 in verify:
-            out[s.seq_id] = self.verifier(logits[r0:r1], s)
+            out[s.seq_id] = self.verifier(logits[r0:r1].cpu(), s)   # (.cpu(): the GPU path's)
         return out
 
-    def _decode_fused(self, decode: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Logits of every decode row through the C++ decoder, the metadata as plain lists."""
+    def _decode_logits(self, decode: list[tuple[Sequence, int]], want: list[int], rows: int):
+        """Logits of the decode rows ``want`` (of ``rows``): the fused C++ step, else the
+        PyTorch modules with int8 activations (engine/gpu_runner.py: the GPU path)."""
+        if self.decoder is not None:
+            logits = self._decode_fused(decode)
+            return logits if len(want) == rows else logits[want]
+        with exact_activations(False):
+            ids, positions, meta = self.prepare(decode, decode=True)
+            hidden = self.model(ids.to(self.device), positions.to(self.device), meta)
+            return self.model.compute_logits(hidden[want]) if want else None
+
+    def _decode_lists(self, decode: list[tuple[Sequence, int]], tables: list[list[int]]):
+        """Per decode row, as plain lists: token id, position, slot, context length and its
+        sequence's block table (a row of ``tables``)."""
         bs = self.block_size
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for (s, n), table in zip(decode, self._padded_tables(decode)[1]):
+        ids, pos, slots, lens, rows = [], [], [], [], []
+        for (s, n), table in zip(decode, tables):
             start = s.num_computed_tokens
             ids.extend(self._inputs(s, start, n))
             for p in range(start, start + n):
                 pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
                 lens.append(p + 1)
-                tables.append(table)
+                rows.append(table)
+        return ids, pos, slots, lens, rows
+
+    def _decode_fused(self, decode: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Logits of every decode row through the C++ decoder, the metadata as plain lists."""
+        ids, pos, slots, lens, tables = self._decode_lists(decode, self._padded_tables(decode)[1])
         # token ids, positions, slots, lengths: one tensor (each construction costs ~15 us)
         meta = torch.tensor([ids, pos, slots, lens])
         return self.decoder(meta[0], meta[1], meta[2], torch.tensor(tables), meta[3])

@@ -2,12 +2,14 @@
 
 With the C++ kernels, float32 activations on CPU run the fused decode step's own code
 (kernels/decode_cpu.cpp): a token's activations are then bit-identical on both decode paths,
-which matters where they are rounded to int8 next. Elsewhere, PyTorch's ops.
+which matters where they are rounded to int8 next. On the GPU path (layers/device.py) the
+gated forms are miaotui.kernels.gpu's. Elsewhere, PyTorch's ops.
 """
 import torch
 import torch.nn.functional as F
 
 from miaotui import kernels
+from miaotui.layers.device import on_gpu
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -31,6 +33,8 @@ class Activation:
         return kernels.load()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if on_gpu(x):
+            return self.fn(x)
         k = self._kernels(x, gated=False)
         return self.fn(x) if k is None else k.activation(x.contiguous(), self.kernel_name, False)
 
@@ -43,6 +47,9 @@ def get_activation(name: str) -> Activation:
 
 def gated(act: Activation, gate_up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up for a [T, 2*I] tensor holding gate and up side by side."""
+    if on_gpu(gate_up) and act.kernel_name is not None:
+        from miaotui.kernels import gpu
+        return (gpu.silu_mul if act.kernel_name == "silu" else gpu.gelu_tanh_mul)(gate_up)
     k = act._kernels(gate_up, gated=True)
     if k is not None:
         return k.activation(gate_up.contiguous(), act.kernel_name, True)

@@ -45,6 +45,13 @@ class AttentionMetadata:
     token_pos: torch.Tensor | None = None
     block_size: int = 0
     window: int = 0                                 # sliding layers' window (0: none)
+    # the GPU path (engine/gpu_runner.py, miaotui.kernels.gpu): "prefill" or "decode", with
+    # device tensors: tables [rows, max_blocks] int32 and, for decode rows, seq_lens [B]
+    # int32 (0: a padding row); for prompt chunks cu_seqlens_q [N+1] and start_pos [N]
+    gpu: str | None = None
+    seq_lens: torch.Tensor | None = None
+    cu_seqlens_q: torch.Tensor | None = None
+    start_pos: torch.Tensor | None = None
 
 
 class KVCache:
@@ -106,6 +113,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H*D]."""
+        if meta.gpu is not None:
+            return self._gpu(q, k, v, meta)
         self.cache.write(meta.slot_mapping, k, v)
         if meta.tables is not None:  # the model runner chose the C++ kernel
             c = self.cache
@@ -132,6 +141,22 @@ class Attention(nn.Module):
             kd, vd = self.cache.read(meta.decode_slots, q.dtype)      # [B, C, KVH, D]
             parts.append(self._decode(q[meta.num_prefill_tokens:], kd, vd, mask))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out.reshape(out.shape[0], -1)
+
+    def _gpu(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        """The GPU path: this step's K/V into the cache first, then paged attention over
+        the cache (miaotui.kernels.gpu: Triton, or its PyTorch reference)."""
+        from miaotui.kernels import gpu
+        c = self.cache
+        gpu.store_kv(k, v, c.k, c.v, meta.slot_mapping)
+        window = meta.window if self.sliding else 0
+        q = q.contiguous()
+        if meta.gpu == "decode":
+            out = gpu.paged_decode_attention(q, c.k, c.v, meta.tables, meta.seq_lens, meta.block_size,
+                                             self.scale, window)
+        else:
+            out = gpu.paged_prefill_attention(q, c.k, c.v, meta.tables, meta.cu_seqlens_q, meta.start_pos,
+                                              meta.block_size, self.scale, window)
         return out.reshape(out.shape[0], -1)
 
     def _decode(self, q, k, v, mask):

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miaotui.layers.device import act_dtype, on_gpu
+
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -74,21 +76,30 @@ class Embedding(nn.Module):
 
     def tie(self, head) -> None:
         """Make the Linear `head` read this table (tied embeddings): one copy in memory."""
-        if self.file is not None:   # the head reads all of it: hold it after all
-            from miaotui.loader.gguf_loader import GGUFRaw
-            fd, offset, qtype, row = self.file
-            data = np.frombuffer(os.pread(fd, row * self.num_embeddings, offset), np.uint8)
-            data = data.reshape(self.num_embeddings, row)
-            if qtype.name in _FLOAT_TYPES:
-                data = data.view(np.float32 if qtype.name == "F32" else np.float16)
-            self.load(GGUFRaw(data, qtype, (self.num_embeddings, self.dim)), from_file=False)
+        self.hold()   # the head reads all of it: hold it after all
         if self.qweight is not None:
             head.qweight, head.weight = self.qweight, None
             return
         head.weight.data = self.weight.data   # 16-bit rows are widened in the head's kernels too
 
+    def hold(self) -> None:
+        """Read a table kept in the file (rows read on lookup) into memory, as stored (a
+        tied head, or a device that cannot read the file)."""
+        if self.file is None:
+            return
+        from miaotui.loader.gguf_loader import GGUFRaw
+        fd, offset, qtype, row = self.file
+        data = np.frombuffer(os.pread(fd, row * self.num_embeddings, offset), np.uint8)
+        data = data.reshape(self.num_embeddings, row)
+        if qtype.name in _FLOAT_TYPES:
+            data = data.view(np.float32 if qtype.name == "F32" else np.float16)
+        self.load(GGUFRaw(data, qtype, (self.num_embeddings, self.dim)), from_file=False)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """float32 [*input_ids.shape, dim]."""
+        """float32 [*input_ids.shape, dim] (on the GPU path: the compute dtype)."""
+        if on_gpu(input_ids):
+            rows = self.qweight.rows(input_ids) if self.qweight is not None else F.embedding(input_ids, self.weight)
+            return rows.to(act_dtype(input_ids))
         if self.file is not None:
             return self._file_rows(input_ids.reshape(-1)).reshape(*input_ids.shape, self.dim)
         if self.qweight is not None:

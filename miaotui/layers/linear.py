@@ -13,6 +13,7 @@ from torch import nn
 
 from miaotui import kernels
 from miaotui.layers import quant
+from miaotui.layers.device import on_gpu
 
 
 def concat_rows(parts: list):
@@ -136,6 +137,8 @@ class Linear(nn.Module):
         if self.qweight is not None:
             y = self.qweight.matmul(x)
             return y if self.bias is None else y.add_(self.bias)
+        if on_gpu(x):   # cuBLAS (weights in the compute dtype: engine/gpu_runner.py moved them)
+            return F.linear(x, self.weight, self.bias)
         k = kernels.load()
         if (k is not None and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.weight.dtype in (torch.float32, *HALF)):

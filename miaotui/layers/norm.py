@@ -1,6 +1,7 @@
 """Normalisation layers. Gemma's (1 + w) RMSNorm is folded into w at load time.
 
-With the C++ kernels, float32 rows on CPU go through the fused decode step's own norms
+On the GPU path (layers/device.py) RMSNorm is miaotui.kernels.gpu's. With the C++
+kernels, float32 rows on CPU go through the fused decode step's own norms
 (kernels/decode_cpu.cpp), so both decode paths give the same bits (see activation.py).
 """
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui import kernels
+from miaotui.layers.device import on_gpu
 
 
 def _kernels(x: torch.Tensor, w: torch.Tensor):
@@ -27,6 +29,9 @@ class RMSNorm(nn.Module):
         self.weight.data = w.float() + self.weight_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if on_gpu(x):   # fp32 statistics, the output in x's dtype
+            from miaotui.kernels import gpu
+            return gpu.rms_norm(x, self.weight, self.eps)
         k = _kernels(x, self.weight)
         if k is not None:
             return k.rms_norm(x.contiguous(), self.weight, self.eps)
@@ -42,6 +47,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if on_gpu(x):   # fp32 statistics (the weights stay fp32), the output in x's dtype
+            return F.layer_norm(x.float(), self.weight.shape, self.weight, self.bias, self.eps).to(x.dtype)
         k = _kernels(x, self.weight)
         if k is not None and self.bias.dtype == torch.float32:
             return k.layer_norm(x.contiguous(), self.weight, self.bias, self.eps)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from miaotui import kernels
+from miaotui.layers.device import on_gpu
 
 _TILE_BYTES = 16 << 20  # float32 weight rows dequantized at a time on the BLAS path
 _EMPTY = torch.empty(0)
@@ -154,6 +155,9 @@ class QuantWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> float32 [..., out_features], x @ dequantize().T."""
         lead = x.shape[:-1]
+        if on_gpu(x):   # miaotui.kernels.gpu: the output in x's dtype
+            from miaotui.kernels import gpu
+            return gpu.quant_matmul(x.reshape(-1, self.in_features), self).view(*lead, self.out_features)
         x = x.reshape(-1, self.in_features).float().contiguous()
         k = kernels.load()
         if k is None:
@@ -163,6 +167,12 @@ class QuantWeight:
         else:
             y = self._matmul_int8(k, x)
         return y.view(*lead, self.out_features)
+
+    def to(self, device) -> QuantWeight:
+        """Move the stored blocks to ``device`` (in place; they stay quantized)."""
+        self.q, self.scale = self.q.to(device), self.scale.to(device)
+        self.min = None if self.min is None else self.min.to(device)
+        return self
 
     def _kernel_args(self) -> tuple:
         m = _EMPTY if self.min is None else self.min

@@ -1,7 +1,8 @@
 """Batched sampling: penalties, greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 Each sequence owns a torch.Generator, so a seeded request draws the same tokens whether
-it runs alone or batched with others.
+it runs alone or batched with others. Device-agnostic: the logits stay where they are (the
+GPU path's on the GPU); the generators are CPU ones, their noise moved to the logits.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     for i, s in enumerate(seqs):
         p = s.params
         if p.repetition_penalty != 1.0:
-            seen = torch.zeros(V, dtype=torch.bool)
-            seen[torch.tensor(s.token_ids, dtype=torch.long)] = True
+            seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(s.token_ids, dtype=torch.long, device=logits.device)] = True
             row = logits[i]
             logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
                                                       row * p.repetition_penalty), row)
         if (p.presence_penalty or p.frequency_penalty) and s.num_output_tokens:
-            counts = torch.bincount(torch.tensor(s.output_ids, dtype=torch.long), minlength=V)[:V]
+            counts = torch.bincount(torch.tensor(s.output_ids, dtype=torch.long, device=logits.device),
+                                    minlength=V)[:V]
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
 
@@ -42,7 +44,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> tor
         sorted_logits, idx = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set reaching top_p
-        logits = logits.index_put((idx[drop],), torch.tensor(float("-inf")))
+        logits = logits.index_put((idx[drop],), torch.tensor(float("-inf"), device=logits.device))
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
@@ -57,6 +59,13 @@ def make_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> Logprob:
         vals, ids = torch.topk(logprobs, k)
         top = dict(zip(ids.tolist(), vals.tolist()))
     return Logprob(token_id, lp, rank, top)
+
+
+def _exponential(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Exp(1) noise shaped like probs from the sequence's (CPU) generator: the same draws
+    on every device, so a seeded request samples alike on CPU and GPU."""
+    noise = torch.empty(probs.shape, dtype=probs.dtype).exponential_(generator=generator)
+    return noise if probs.device.type == "cpu" else noise.to(probs.device)
 
 
 class Sampler:
@@ -88,7 +97,7 @@ class Sampler:
             row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
             probs = row.softmax(-1)
             # exponential race: argmax(p / E) with E ~ Exp(1) samples from p
-            noise = torch.empty_like(probs).exponential_(generator=s.generator)
+            noise = _exponential(probs, s.generator)
             tokens[i] = int((probs / noise).argmax())
         if raw_logprobs is not None:
             for i, s in enumerate(seqs):

@@ -26,9 +26,11 @@ def default_model_path() -> str:
     return path
 
 
-def open_checkpoint(path):
-    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model); a checkpoint
-    object (bench/shapes.py's RandomCheckpoint: weights drawn at load) is used as it is."""
+def open_checkpoint(path: str | None, weights: bool = True):
+    """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model). weights=False
+    (random weights, EngineConfig.load_format "dummy"): a Hugging Face directory's config.json
+    and tokenizer, no weight files needed. A checkpoint object (bench/shapes.py's
+    RandomCheckpoint: weights drawn as they are loaded) is used as it is."""
     if hasattr(path, "tensors") and hasattr(path, "config"):
         return path
     path = os.fspath(path) if path else default_model_path()  # a pathlib.Path too
@@ -40,7 +42,10 @@ def open_checkpoint(path):
         if not os.path.isfile(os.path.join(path, "config.json")) and len(ggufs) == 1:
             path = os.path.join(path, ggufs[0])
         else:
-            return HFCheckpoint(path)
+            return HFCheckpoint(path, weights)
+    if not weights:
+        raise MiaotuiError(f"{path}: random weights (load_format 'dummy') need a Hugging Face "
+                           "directory with config.json and a tokenizer")
     if path.endswith((".bin", ".pt", ".pth")):
         raise MiaotuiError(f"{path}: pickle checkpoints are refused (they can run code); "
                            "convert to safetensors or GGUF first")

@@ -24,7 +24,8 @@ def _read_json(path: str) -> dict:
 class HFCheckpoint:
     """A model directory in Hugging Face layout."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, weights: bool = True):
+        """weights=False: the config only (load_format "dummy": random weights)."""
         self.path = path
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -37,7 +38,7 @@ class HFCheckpoint:
             eos = self.generation_config["eos_token_id"]
             eos = eos if isinstance(eos, list) else [eos]
             self.config.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(eos))
-        self.files = self._find_files()
+        self.files = self._find_files() if weights else []
 
     def _find_files(self) -> list[str]:
         index = os.path.join(self.path, "model.safetensors.index.json")

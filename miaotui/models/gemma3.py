@@ -35,7 +35,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.normalizer = cfg.hidden_size ** 0.5
 
     def input_embeddings(self, input_ids, positions):
-        return self.embed(input_ids) * torch.tensor(self.normalizer, dtype=torch.float32)
+        x = self.embed(input_ids)   # the normalizer rounded to the activations' dtype, as transformers
+        return x * torch.tensor(self.normalizer, dtype=x.dtype)
 
     def rope_tables(self, positions):
         return [self.rotary.lookup(positions), self.local_rotary.lookup(positions)]

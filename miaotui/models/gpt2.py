@@ -11,6 +11,7 @@ from torch import nn
 from miaotui.config import ModelConfig
 from miaotui.layers.activation import get_activation
 from miaotui.layers.attention import Attention
+from miaotui.layers.device import act_dtype
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import LayerNorm
 from miaotui.models.llama import _dense, embedding_table, load_linear
@@ -53,7 +54,8 @@ class GPT2LMHeadModel(nn.Module):
 
     def input_embeddings(self, input_ids, positions):
         # self.embed: tensor parallel replaces it with its vocabulary-parallel lookup
-        return self.embed(input_ids).float() + F.embedding(positions, self.wpe).float()
+        dt = act_dtype(input_ids)   # float32; on the GPU path the compute dtype
+        return self.embed(input_ids).to(dt) + F.embedding(positions, self.wpe).to(dt)
 
     def forward(self, input_ids, positions, meta):
         x = self.input_embeddings(input_ids, positions)

@@ -16,6 +16,7 @@ from torch import nn
 from miaotui.config import ModelConfig
 from miaotui.layers.activation import gated, get_activation
 from miaotui.layers.attention import Attention, AttentionMetadata
+from miaotui.layers.device import on_gpu
 from miaotui.layers.embedding import Embedding
 from miaotui.layers.linear import Linear
 from miaotui.layers.norm import RMSNorm
@@ -76,6 +77,12 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.nh + 2 * self.nkv, self.hd)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        if on_gpu(x):   # rotary in place (miaotui.kernels.gpu): no copy of q and k
+            from miaotui.kernels import gpu
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = gpu.rotary(q, k, *rope)
+            return self.o_proj(self.attn(q, k, v, meta))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
             qk = apply_rotary(torch.cat((q, k), dim=1), *rope)
