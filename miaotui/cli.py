@@ -82,6 +82,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text!r}")
+    return v
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", default=None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
@@ -107,6 +117,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="while streams decode, cut long prompts into chunks so that a step takes at "
                         "most ~X decode steps (0: off; default: off, serve: 2.5)")
     g.add_argument("--threads", type=at_least(1), default=None, help="(default: all cores)")
+    g.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="auto: cuda when a CUDA device is available, else cpu")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
+                   help="CUDA: share of the device's memory to use; the KV cache gets what the "
+                        "weights and a profiled step leave (default 0.9)")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps")
     g.add_argument("--chat-template", default=None, nargs="?", const=None, metavar="FILE|NAME",
                    help="Jinja file, built-in name or template text (default: the model's own)")
     g = p.add_argument_group("speculative decoding (greedy output unchanged; sampled: the same distribution)")
@@ -168,7 +184,8 @@ def engine_kwargs(args) -> dict:
               max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=not args.no_prefix_caching, num_threads=args.threads,
               tensor_parallel_size=args.tensor_parallel_size, dist_addr=args.dist_addr,
-              dist_port=args.dist_port, dist_timeout=args.dist_timeout)
+              dist_port=args.dist_port, dist_timeout=args.dist_timeout, device=args.device,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     # unset: EngineConfig's defaults (sized from the model)
     for name in ("kv_cache_memory", "memory_budget", "max_num_seqs", "chat_template", "max_decode_delay"):
         if getattr(args, name, None) is not None:
