@@ -107,3 +107,19 @@ def test_cuda_refused_without_a_device():
         pytest.skip("a CUDA device is here")
     with pytest.raises(gpu.MiaotuiError, match="no CUDA device"):
         gpu.run(["decode"], device="cuda")
+
+
+def test_gpu_check_script_dry_run(tmp_path):
+    """scripts/gpu_check.sh on the CPU: a failing stage (an unknown suite) does not stop the
+    next; the log, the summary and the suite's JSON land under $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SMOKE": "1",
+           "GPU_CHECK_TESTS": "none", "GPU_CHECK_SUITES": "nosuch,throughput", "PYTHONPATH": ROOT}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "log").read_text()
+    assert "nosuch: FAILED rc=2" in log and "throughput: ok" in log
+    assert "unknown suite 'nosuch'" in log
+    doc = json.loads((tmp_path / "results" / "gpu_throughput.json").read_text())
+    assert doc["complete"] and "error" not in doc["results"][0]
+    assert sorted(os.listdir(tmp_path)) == ["log", "results"]

@@ -322,9 +322,11 @@ def read_bytes_per_token(engine) -> tuple[int, int]:
     b = model_bytes(engine.model)
     tied = bool(getattr(engine.model_config, "tie_word_embeddings", False))
     weights = b["weights"] + (b["embedding"] if tied else b["embedding"] // engine.model_config.vocab_size)
-    caches = getattr(engine.runner, "caches", None) or []
-    kv = sum(c.nbytes() / c.k.shape[0] for c in caches)
-    return weights, int(kv)
+    caches = getattr(engine.runner, "caches", None)
+    if not caches:
+        from miaotui.engine.model_runner import ModelRunner
+        return weights, ModelRunner.kv_bytes_per_token(engine.model_config, engine.runner.kv_dtype)
+    return weights, int(sum(c.nbytes() / c.k.shape[0] for c in caches))
 
 
 def time_decode(engine, prompt_len: int, n: int, repeats: int, seed: int = 0) -> dict:
@@ -561,10 +563,10 @@ def suite_quant(device: str, out_dir: str, smoke: bool, shape: str = "tinyllama-
                                      repeats, False if has_graph_switch() else None, dtype="bfloat16")
                     row["gguf_write_s"] = write_s
                     os.remove(model)
-                else:   # quantized at load: drawn on the CPU, where the loader quantizes
-                    row = decode_row(f"{label} {fmt}", RandomCheckpoint(config_dir(dims)), device, bw["bytes_per_s"],
-                                     prompt_len, n, repeats, False if has_graph_switch() else None,
-                                     dtype="bfloat16", quantization=fmt)
+                else:   # quantized at load (on the CPU) from weights drawn on the device
+                    ckpt = RandomCheckpoint(config_dir(dims), draw_device=device)
+                    row = decode_row(f"{label} {fmt}", ckpt, device, bw["bytes_per_s"], prompt_len, n, repeats,
+                                     False if has_graph_switch() else None, dtype="bfloat16", quantization=fmt)
             except Exception as e:
                 row = {"model": f"{label} {fmt}", "error": f"{type(e).__name__}: {e}"}
             rec.add(row)

@@ -144,14 +144,17 @@ def config_dir(name: str | dict, root: str | None = None) -> str:
 class RandomCheckpoint(HFCheckpoint):
     """A config_dir whose weights (random_tensors) are drawn as the loader reads them: the
     real loading path (quantization at load included) without a weights file. Pass it as
-    the engine's model: ``LLM(RandomCheckpoint(config_dir("tinyllama-1.1b")), quantization="int4")``."""
+    the engine's model: ``LLM(RandomCheckpoint(config_dir("tinyllama-1.1b")), quantization="int4")``.
+    draw_device "cuda" draws there (a CPU takes ~30 s per billion) and hands the loader
+    CPU tensors, as a file would."""
 
-    def __init__(self, path: str, seed: int = 0, device: str = "cpu"):
-        self.seed, self.device = seed, device
+    def __init__(self, path: str, seed: int = 0, draw_device: str = "cpu"):
+        self.seed, self.draw_device = seed, draw_device
         super().__init__(path, weights=False)
 
     def tensors(self):
-        yield from random_tensors(self.hf_config, self.seed, self.device)
+        for name, t in random_tensors(self.hf_config, self.seed, self.draw_device):
+            yield name, t.cpu()
 
 
 def write_padded_tokenizer(path: str, vocab_size: int) -> None:
