@@ -426,6 +426,31 @@ def nano_vllm_workload(n: int = 256, lo: int = 100, hi: int = 1024, max_id: int 
     return prompts, outs
 
 
+def run_requests(engine, prompts: list[list[int]], params: list, rec: Recorder,
+                 every: float = 5.0) -> tuple[int, float]:
+    """All requests added at once and stepped to completion, as LLM.generate does; (tokens
+    generated, wall seconds). Every `every` seconds the progress so far goes into the JSON
+    ("progress"), so a run stopped by its time limit still leaves a lower bound."""
+    t0 = last = time.perf_counter()
+    gen0 = engine.stats["generated_tokens"]
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"tp-{i}", p, sp)
+    done = finished = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done += len(out.outputs[0].token_ids)
+                finished += 1
+        now = time.perf_counter()
+        if now - last > every:
+            last = now
+            gen = engine.stats["generated_tokens"] - gen0
+            rec.doc["progress"] = {"seconds": now - t0, "finished_requests": finished,
+                                   "generated_tokens": gen, "output_tok_s_so_far": gen / (now - t0)}
+            rec.save()
+    return done, time.perf_counter() - t0
+
+
 def suite_throughput(device: str, out_dir: str, smoke: bool, shape: str = "qwen3-0.6b",
                      num_requests: int = 256, max_num_seqs: int = 256,
                      max_num_batched_tokens: int = 16384) -> dict:
@@ -451,16 +476,13 @@ def suite_throughput(device: str, out_dir: str, smoke: bool, shape: str = "qwen3
         llm.generate(["Benchmark: "], SamplingParams())     # warm-up, as nano-vllm's
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=o) for o in outs]
         _sync(device)
-        t0 = time.perf_counter()
-        res = llm.generate(prompts, params)
-        _sync(device)
-        wall = time.perf_counter() - t0
-        got = sum(len(r.outputs[0].token_ids) for r in res)
+        steps0 = llm.engine.stats["steps"]
+        got, wall = run_requests(llm.engine, prompts, params, rec)
         n_in, n_out = sum(map(len, prompts)), sum(outs)
         row = {"model": shape, "seconds": wall, "load_s": load_s, "prompt_tokens": n_in, "output_tokens": n_out,
                "generated_tokens": got, "output_tok_s": n_out / wall, "total_tok_s": (n_in + n_out) / wall,
-               "requests_per_s": num_requests / wall, "steps": llm.engine.stats["steps"]}
-        del llm, res
+               "requests_per_s": num_requests / wall, "steps": llm.engine.stats["steps"] - steps0}
+        del llm
         free_device_memory()
     except Exception as e:
         row = {"model": shape, "error": f"{type(e).__name__}: {e}"}
