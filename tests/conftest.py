@@ -8,6 +8,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# triton picks its interpreter when first imported: without a GPU, pick it now, so that
+# tests/test_gpu_kernels.py runs the CUDA path's kernels on CPU (nothing else runs triton)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -204,3 +204,275 @@ def test_int8_cache_is_refused():
 def test_use_triton_is_off_for_plain_cpu_tensors(monkeypatch):
     monkeypatch.delenv("MIAOTUI_TRITON_CPU", raising=False)
     assert not gpu.use_triton(torch.zeros(1))
+
+
+# --- Triton kernels against the references, in Triton's interpreter ---------------------
+
+# bf16 runs in the interpreter too, with two differences from a GPU: its tl.dot gets float32
+# operands (numpy has no bfloat16 matmul), and it truncates float32 to bfloat16 where the GPU
+# rounds to nearest. Tolerances: float32 1e-5 (only the order of the sums differs),
+# bfloat16 a few of its ulps (2**-8 relative).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    """The Triton-on-CPU test mode for one test (the env is restored after it)."""
+    if not gpu.triton_available():
+        pytest.skip("triton is not importable here (pip install triton)")
+    from miaotui.kernels import triton_ops
+    if not triton_ops.interpreted():
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (conftest.py sets it "
+                    "when there is no GPU): its kernels are compiled for a GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MIAOTUI_TRITON_CPU", "1")
+    assert gpu.use_triton(torch.zeros(1))   # so no test below compares the reference with itself
+
+
+def close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_triton(interp, dtype):
+    T, kvh, d = 5, 2, 16
+    qkv = torch.randn(T, 4 + 2 * kvh, d).to(dtype)
+    k, v = qkv[:, 4:4 + kvh], qkv[:, 4 + kvh:]        # strided views, as the model splits them
+    slots = torch.tensor([7, -1, 0, 12, -1], dtype=torch.int32)
+    caches = [torch.randn(16, kvh, d).to(dtype) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    gpu.store_kv(k, v, *caches, slots)
+    gpu.store_kv_ref(k, v, *want, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,splits,softcap", [(0, 1, 0.0), (5, 1, 0.0), (0, 3, 0.0), (6, 2, 3.0)])
+def test_decode_attention_triton(interp, dtype, window, splits, softcap):
+    """Rows of different lengths (a padding row among them), GQA groups of 3, shuffled
+    block tables; one program per row, or the keys split across programs and merged."""
+    from miaotui.kernels import triton_ops
+    lens = [7, 1, 0, 23, 12]
+    tables, kc, vc, H = paged_case(lens, block_size=4, kvh=2, groups=3, dtype=dtype)
+    q = torch.randn(len(lens), H, 16).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    got = triton_ops.paged_decode_attention(q, kc, vc, tables, seq_lens, 4, 0.3, window, softcap,
+                                            splits=splits)
+    close(got, gpu.paged_decode_attention_ref(q, kc, vc, tables, seq_lens, 4, 0.3, window, softcap), dtype)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    if splits == 1:   # and through the dispatching API
+        close(gpu.paged_decode_attention(q, kc, vc, tables, seq_lens, 4, 0.3, window, softcap), got, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (4, 0.0), (0, 2.5)])
+def test_prefill_attention_triton(interp, dtype, window, softcap):
+    """Four chunks: from position 0, after 9 and 3 cached tokens, and an empty one; query
+    tiles that straddle chunk ends; GQA groups of 2, block size 8."""
+    starts, chunk = [0, 9, 3, 5], [13, 4, 0, 6]
+    lens = [s + c for s, c in zip(starts, chunk)]
+    tables, kc, vc, H = paged_case(lens, block_size=8, kvh=2, groups=2, d=32, dtype=dtype)
+    cu = torch.tensor([0, 13, 17, 17, 23], dtype=torch.int32)
+    st = torch.tensor(starts, dtype=torch.int32)
+    q = torch.randn(23, H, 32).to(dtype)
+    got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap)
+    close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 8, 0.2, window, softcap), dtype)
+
+
+def test_prefill_attention_triton_window_narrower_than_a_key_tile(interp):
+    """Without GQA a tile holds 32 queries: with window 2 the later ones see no key in the
+    first key tile (a row whose running max is still -inf must not turn into NaN)."""
+    tables, kc, vc, H = paged_case([40], block_size=4, kvh=2, groups=1)
+    cu, st = torch.tensor([0, 40], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    q = torch.randn(40, H, 16)
+    got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 4, 0.3, 2)
+    close(got, gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 4, 0.3, 2), torch.float32)
+
+
+def test_prefill_and_decode_kernels_agree_on_a_token(interp):
+    """The last prompt token computed as a prefill row equals it computed as a decode row."""
+    from miaotui.kernels import triton_ops
+    tables, kc, vc, H = paged_case([19], block_size=4, kvh=1, groups=4)
+    q = torch.randn(6, H, 16)
+    pre = triton_ops.paged_prefill_attention(q, kc, vc, tables, torch.tensor([0, 6], dtype=torch.int32),
+                                             torch.tensor([13], dtype=torch.int32), 4, 0.25,
+                                             max_seqlen_q=6)
+    dec = triton_ops.paged_decode_attention(q[5:], kc, vc, tables, torch.tensor([19], dtype=torch.int32), 4,
+                                            0.25, splits=1)
+    torch.testing.assert_close(pre[5:], dec, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(int_weights()))
+def test_quant_matmul_triton(interp, name):
+    """Every layout, through the GEMV kernel (M 1 and 3) and the tl.dot GEMM (M 9)."""
+    w = int_weights()[name]
+    for M in (1, 3, 9):
+        x = torch.randn(M, w.in_features)
+        close(gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w), torch.float32)
+
+
+@pytest.mark.parametrize("M", [2, 20])
+def test_quant_matmul_triton_bf16(interp, M):
+    w = int_weights()["int4_asym64"]
+    x = torch.randn(M, w.in_features).to(torch.bfloat16)
+    got, want = gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w)
+    assert got.dtype == torch.bfloat16
+    # the GEMM rounds W to bfloat16 for tl.dot: compare against the size of the output
+    err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+    assert err < 1e-2
+
+
+def test_quant_matmul_split_k(interp, monkeypatch):
+    """The GEMV's split over K (on the GPU for small N), forced here."""
+    from miaotui.kernels import triton_ops
+    monkeypatch.setattr(triton_ops, "_qmm_config", lambda x, M, N, KP: (False, 1, 16, 32, 3, 4))
+    w = int_weights()["int8_b16_float32"]
+    x = torch.randn(1, w.in_features)
+    close(gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_triton(interp, dtype):
+    x, r = torch.randn(5, 48).to(dtype), torch.randn(5, 48).to(dtype)
+    w = torch.randn(48)
+    for off in (0.0, 1.0):
+        close(gpu.rms_norm(x, w, 1e-6, off), gpu.rms_norm_ref(x, w, 1e-6, off), dtype)
+        (n1, r1), (n2, r2) = gpu.add_rms_norm(x, r, w, 1e-6, off), gpu.add_rms_norm_ref(x, r, w, 1e-6, off)
+        close(r1, r2, dtype)     # equal in float32; bfloat16: the interpreter truncates the sum
+        close(n1, n2, dtype)
+        assert dtype != torch.float32 or torch.equal(r1, r2)
+    heads = torch.randn(3, 4, 16).to(dtype)          # q_norm: per head of [T, H, D]
+    close(gpu.rms_norm(heads, w[:16], 1e-6), gpu.rms_norm_ref(heads, w[:16], 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_triton(interp, dtype):
+    rope = RotaryEmbedding(32, 64, 10000.0)
+    cos, sin = rope.lookup(torch.tensor([0, 5, 33]))
+    qkv = torch.randn(3, 6 + 2 * 2, 32).to(dtype)
+    want = qkv.clone()
+    gpu.rotary(qkv[:, :6], qkv[:, 6:8], cos, sin)
+    gpu.rotary_ref(want[:, :6], want[:, 6:8], cos, sin)
+    close(qkv, want, dtype)
+    assert torch.equal(qkv[:, 8:], want[:, 8:])       # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_triton(interp, dtype):
+    x = torch.randn(4, 2 * 40).to(dtype) * 3
+    close(gpu.silu_mul(x), gpu.gated_ref(x, "silu"), dtype)
+    close(gpu.gelu_tanh_mul(x), gpu.gated_ref(x, "gelu_tanh"), dtype)
+
+
+# --- on a real GPU (pytest -m gpu; scripts/gpu_check.sh) ---------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not gpu.triton_available(),
+                                reason="needs a CUDA GPU and triton")
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+
+
+@pytest.fixture
+def cuda():
+    from miaotui.kernels import triton_ops
+    assert not triton_ops.interpreted(), "TRITON_INTERPRET=1 is set: the kernels are not compiled"
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("B", [1, 8, 64])
+def test_gpu_decode_attention_llama3_shape(cuda, B):
+    """Llama-3-8B heads (32 q, 8 kv, 128), contexts up to 4k, bf16, block 16."""
+    g = torch.Generator().manual_seed(B)
+    lens = torch.randint(1, 4096, (B,), generator=g).tolist()
+    lens[0] = 4096
+    tables, kc, vc, H = paged_case(lens, block_size=16, kvh=8, groups=4, d=128, dtype=torch.bfloat16,
+                                   device=cuda)
+    q = torch.randn(B, H, 128, device=cuda, dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device=cuda)
+    for window in (0, 1024):
+        got = gpu.paged_decode_attention(q, kc, vc, tables, sl, 16, 128 ** -0.5, window)
+        want = gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 16, 128 ** -0.5, window)
+        assert rel_err(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("d,groups", [(128, 4), (64, 8), (256, 2)])
+def test_gpu_prefill_attention(cuda, d, groups):
+    starts, chunk = [0, 700, 37], [1000, 512, 1]
+    lens = [s + c for s, c in zip(starts, chunk)]
+    tables, kc, vc, H = paged_case(lens, block_size=16, kvh=4, groups=groups, d=d, dtype=torch.bfloat16,
+                                   device=cuda)
+    cu = torch.tensor([0, 1000, 1512, 1513], dtype=torch.int32, device=cuda)
+    st = torch.tensor(starts, dtype=torch.int32, device=cuda)
+    q = torch.randn(1513, H, d, device=cuda, dtype=torch.bfloat16)
+    for window, cap in ((0, 0.0), (256, 0.0), (0, 50.0)):
+        got = gpu.paged_prefill_attention(q, kc, vc, tables, cu, st, 16, d ** -0.5, window, cap)
+        want = gpu.paged_prefill_attention_ref(q, kc, vc, tables, cu, st, 16, d ** -0.5, window, cap)
+        assert rel_err(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 4, 16, 512])
+def test_gpu_quant_matmul(cuda, M):
+    torch.manual_seed(M)
+    w = torch.randn(4096, 4096) * 0.02
+    for qw in (quant.quantize_int8(w), quant.quantize_int4(w, 32, symmetric=True),
+               quant.quantize_int4(w, 128, symmetric=False)):
+        for name in ("q", "scale", "min"):
+            if getattr(qw, name) is not None:
+                setattr(qw, name, getattr(qw, name).to(cuda))
+        x = torch.randn(M, 4096, device=cuda, dtype=torch.bfloat16)
+        assert rel_err(gpu.quant_matmul(x, qw), gpu.quant_matmul_ref(x, qw)) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_elementwise(cuda):
+    x = torch.randn(64, 4096, device=cuda, dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.randn(4096, device=cuda)
+    assert rel_err(gpu.rms_norm(x, w, 1e-5), gpu.rms_norm_ref(x, w, 1e-5)) < 1e-2
+    n1, r1 = gpu.add_rms_norm(x, r, w, 1e-5)
+    n2, r2 = gpu.add_rms_norm_ref(x, r, w, 1e-5)
+    assert torch.equal(r1, r2) and rel_err(n1, n2) < 1e-2
+    gu = torch.randn(64, 2 * 14336, device=cuda, dtype=torch.bfloat16)
+    assert rel_err(gpu.silu_mul(gu), gpu.gated_ref(gu, "silu")) < 1e-2
+    assert rel_err(gpu.gelu_tanh_mul(gu), gpu.gated_ref(gu, "gelu_tanh")) < 1e-2
+    rope = RotaryEmbedding(128, 4096, 500000.0).to(cuda)
+    cos, sin = rope.lookup(torch.arange(64, device=cuda) * 50)
+    qkv = torch.randn(64, 48, 128, device=cuda, dtype=torch.bfloat16)
+    want = qkv.clone()
+    gpu.rotary(qkv[:, :32], qkv[:, 32:40], cos, sin)
+    gpu.rotary_ref(want[:, :32], want[:, 32:40], cos, sin)
+    assert rel_err(qkv, want) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_kernels_replay_in_a_cuda_graph(cuda):
+    """Decode attention + a quantized matmul captured once, replayed on new inputs."""
+    lens = [300, 17, 0, 1000]
+    tables, kc, vc, H = paged_case(lens, block_size=16, kvh=8, groups=4, d=128, dtype=torch.bfloat16,
+                                   device=cuda)
+    sl = torch.tensor(lens, dtype=torch.int32, device=cuda)
+    q = torch.randn(4, H, 128, device=cuda, dtype=torch.bfloat16)
+    qw = quant.quantize_int4(torch.randn(1024, H * 128) * 0.02, 32)
+    qw.q, qw.scale = qw.q.to(cuda), qw.scale.to(cuda)
+    step = lambda: gpu.quant_matmul(gpu.paged_decode_attention(q, kc, vc, tables, sl, 16, 0.1).view(4, -1), qw)  # noqa: E731
+    step()                                    # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    q.copy_(torch.randn_like(q))
+    sl.copy_(torch.tensor([301, 18, 0, 999], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, step())

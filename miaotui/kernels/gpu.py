@@ -51,16 +51,18 @@ def triton_available() -> bool:
 
 
 def triton_cpu_mode() -> bool:
-    """The test mode: Triton kernels on CPU tensors, in Triton's interpreter."""
+    """The test mode: Triton kernels on CPU tensors, in Triton's interpreter (which triton
+    chooses when it is first imported, so TRITON_INTERPRET=1 must be set before that)."""
     on = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
-    return on("MIAOTUI_TRITON_CPU") and on("TRITON_INTERPRET")
+    return (on("MIAOTUI_TRITON_CPU") and on("TRITON_INTERPRET") and triton_available()
+            and _ops().interpreted())
 
 
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the operation on tensor ``t`` runs its Triton kernel (else the reference)."""
     if t.device.type == "cuda":
         return triton_available()
-    return t.device.type == "cpu" and triton_cpu_mode() and triton_available()
+    return t.device.type == "cpu" and triton_cpu_mode()
 
 
 def _ops():
