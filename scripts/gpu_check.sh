@@ -8,8 +8,9 @@
 #
 # Stages: versions and nvidia-smi; the carried wheels (.whl/) installed; the CPU kernels'
 # JIT build in the background (some loading steps use them; if it fails the rest runs with
-# MIAOTUI_NO_KERNELS=1); the GPU test files (tests/test_gpu_*.py but the bench's own smoke
-# test: they test the CUDA device when there is one); then `miaotui bench gpu` suite by
+# MIAOTUI_NO_KERNELS=1); the tests marked gpu (`pytest -m gpu`) in the GPU test files
+# (tests/test_gpu_*.py but the bench's own smoke test; their other tests run the kernels in
+# Triton's interpreter, checked on the CPU machine); then `miaotui bench gpu` suite by
 # suite (miaotui/bench/gpu.py): parity, decode, throughput, quant.
 #
 # Preparation, once, on the CPU machine, in the repository root (the device lacks gguf
@@ -99,7 +100,7 @@ else
     mapfile -t GPU_TESTS < <(ls tests/test_gpu_*.py 2>/dev/null | grep -v test_gpu_bench.py)
 fi
 if [ ${#GPU_TESTS[@]} -gt 0 ]; then
-    stage tests 90 python3 -m pytest -q -p no:cacheprovider "${GPU_TESTS[@]}"
+    stage tests 90 python3 -m pytest -m gpu -q -p no:cacheprovider "${GPU_TESTS[@]}"
 else
     say "no GPU test files"; SUMMARY+=("tests: none found")
 fi
