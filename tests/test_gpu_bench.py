@@ -43,7 +43,11 @@ def check_docs(docs: dict) -> None:
     seen = {(r["family"], r["dtype"]) for r in parity["results"]}
     assert seen == {(f, d) for f in gpu.FAMILIES for d in ("float32", "bfloat16")}
     for r in parity["results"]:
-        assert r["passed"] and r["equal_prefix"] == r["tokens"] == 32
+        assert r["passed"] and r["tokens"] == 12
+        if r["dtype"] == "float32":
+            assert r["equal_prefix"] == 12
+        elif r["equal_prefix"] < 12:   # bf16 may part at a near tie of the fp32 reference
+            assert 0 <= r["gap_at_divergence"] <= r["tolerance"]
         assert r["prefill_logprob_max_abs_diff"] <= r["tolerance"]
         assert r["decode_logprob_max_abs_diff"] <= r["tolerance"]
         assert r["tolerance"] == (gpu.FP32_TOL if r["dtype"] == "float32" else
