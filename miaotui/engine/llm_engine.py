@@ -198,6 +198,9 @@ class LLMEngine:
         if config.load_format == "dummy":
             from miaotui.loader.placement import random_model
             self.model = random_model(cfg, dtype, self.device)
+        elif self.gpu_path:   # loaded as stored (a tied head stays tied), cast once by move_model
+            self.model = build_model(ckpt, torch.float32, quant, config.group_size, config.progress,
+                                     keep_16bit=True)
         else:
             self.model = build_model(ckpt, dtype, quant, config.group_size, config.progress,
                                      keep_16bit=config.dtype == "auto", tp=self.tp.group if self.tp else None)
