@@ -324,6 +324,15 @@ def test_quant_matmul_triton_bf16(interp, M):
     assert err < 1e-2
 
 
+def test_quant_matmul_triton_odd_block(interp):
+    """A block that no tile size divides (quant.py makes none): the per-element scale path."""
+    q8 = torch.randint(-128, 128, (24, 192), dtype=torch.int8)
+    w = quant.Int8Weight(q8, torch.rand(24, 2) * 0.01, torch.randn(24, 2) * 0.01, 96, 192)
+    for M in (1, 9):
+        x = torch.randn(M, 192)
+        close(gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w), torch.float32)
+
+
 def test_quant_matmul_split_k(interp, monkeypatch):
     """The GEMV's split over K (on the GPU for small N), forced here."""
     from miaotui.kernels import triton_ops

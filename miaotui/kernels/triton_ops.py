@@ -211,10 +211,13 @@ def _attn_blocks(q: torch.Tensor, D: int, G: int, rows: int) -> tuple[int, int, 
     if q.device.type != "cuda":
         return (1, max(bg, 16), 16, 4) if rows == 1 else (max(1, 32 // bg), bg, 16, 4)
     bd = _p2(D)
+    if q.dtype == torch.float32:   # full-precision tl.dot runs on FMA units: small tiles
+        return (1, max(bg, 16), 16, 4) if rows == 1 else (max(1, 32 // bg), bg, 16, 4)
     if rows == 1:   # decode: the group padded to tl.dot's 16 rows
         return 1, max(bg, 16), 64 if bd <= 128 else 32, 4
-    total = 128 if bd <= 128 else 64
-    return max(1, total // bg), bg, 64 if bd <= 128 else 32, 8 if bd <= 128 else 4
+    if bd > 128:
+        return max(1, 64 // bg), bg, 32, 8
+    return max(1, 128 // bg), bg, 64, 8
 
 
 def _launch_attention(q, k_cache, v_cache, tables, a, b, grid_rows, block_size, scale, window,
@@ -297,12 +300,16 @@ def paged_prefill_attention(q, k_cache, v_cache, tables, cu_seqlens_q, start_pos
 @triton.jit
 def _quant_matmul_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, y_ptr, M, N, K, KP, sx_m, sq_n, ss_n,
                          sy_s, sy_m, group, offset, k_per_split,
-                         BITS: tl.constexpr, HAS_MIN: tl.constexpr, DOT: tl.constexpr,
+                         BITS: tl.constexpr, HAS_MIN: tl.constexpr, SCALES: tl.constexpr,
+                         GROUP: tl.constexpr, DOT: tl.constexpr,
                          DOT_TY: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """y[split] [M, N] (+)= x[:, ks] @ W[:, ks].T over this program's K range. W[n, k] =
     scale[n, k // group] * (q - offset) (+ min); int4: value k of a 32-block sits in byte
-    k % 16 of its 16 bytes, low nibble for k % 32 < 16, high nibble else."""
+    k % 16 of its 16 bytes, low nibble for k % 32 < 16, high nibble else. SCALES: how a
+    tile finds its scales: 1, one per row (group a multiple of BLOCK_K, or one per row);
+    2, GROUP (a constexpr power of two) divides BLOCK_K, the tile reshaped by blocks;
+    0, one gathered per element (any other group)."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -311,7 +318,7 @@ def _quant_matmul_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, y_ptr, M, N, K, KP, sx_m, 
     mmask = m < M
     nmask = n < N
     rows_q = q_ptr + n.to(tl.int64)[:, None] * sq_n
-    rows_s = n.to(tl.int64)[:, None] * ss_n
+    rows_s = n.to(tl.int64) * ss_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_lo = ps * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, KP)
@@ -324,10 +331,25 @@ def _quant_matmul_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, y_ptr, M, N, K, KP, sx_m, 
             ints = ((byte.to(tl.int32) >> (((k % 32) // 16) * 4)[None, :]) & 15).to(tl.float32)
         else:
             ints = tl.load(rows_q + k[None, :], mask=wmask, other=0).to(tl.float32)
-        sidx = rows_s + (k // group)[None, :]
-        w = (ints - offset) * tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            w = w + tl.load(mn_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        if SCALES == 1:
+            sidx = rows_s + k0 // group
+            w = (ints - offset) * tl.load(s_ptr + sidx, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            if HAS_MIN:
+                w = w + tl.load(mn_ptr + sidx, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        elif SCALES == 2:
+            b = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            sidx = rows_s[:, None] + b[None, :]
+            smask = nmask[:, None] & (b * GROUP < k_hi)[None, :]
+            sc = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
+            w = tl.reshape(ints - offset, [BLOCK_N, BLOCK_K // GROUP, GROUP]) * sc[:, :, None]
+            if HAS_MIN:
+                w = w + tl.load(mn_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+            w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+        else:
+            sidx = rows_s[:, None] + (k // group)[None, :]
+            w = (ints - offset) * tl.load(s_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                w = w + tl.load(mn_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + m.to(tl.int64)[:, None] * sx_m + k[None, :],
                     mask=mmask[:, None] & (k < K)[None, :], other=0.0)
         if DOT:
@@ -340,17 +362,22 @@ def _quant_matmul_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, y_ptr, M, N, K, KP, sx_m, 
 
 def _qmm_config(x: torch.Tensor, M: int, N: int, KP: int):
     """(DOT, BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps), chosen by M and N (not
-    batch-invariant: a row's bits depend on M's path)."""
+    batch-invariant: a row's bits depend on M's path). The GPU sizes keep every variant
+    free of register spills on sm_90 (checked with ptxas); not tuned on a GPU yet."""
     gpu = x.device.type == "cuda"
     if M <= 4:   # GEMV: W streamed once; split K when N alone gives too few programs
-        bn, bk = (16, 256 if M <= 2 else 128) if gpu else (16, 64)
+        if not gpu:
+            return False, _p2(M), 16, 64, 1, 4
+        bn, bk, warps = (8, 256, 2) if M <= 2 else (16, 128, 4)
         progs = triton.cdiv(N, bn)
-        splits = max(1, min((2 * _sms(x)) // progs, KP // (4 * bk), 8)) if gpu else 1
-        return False, _p2(M), bn, bk, splits, 4
+        splits = max(1, min((2 * _sms(x)) // progs, KP // (4 * bk), 8))
+        return False, _p2(M), bn, bk, splits, warps
     if not gpu:
         return True, 16, 16, 32, 1, 4
+    if x.dtype == torch.float32:   # full-precision tl.dot runs on FMA units: small tiles
+        return True, 16 if M <= 16 else 32 if M <= 32 else 64, 32, 32, 1, 4
     bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    return True, bm, 128 if bm <= 64 else 64, 64, 1, 4 if bm <= 64 else 8
+    return True, bm, 64, 64, 1, 8
 
 
 def quant_matmul(x: torch.Tensor, w) -> torch.Tensor:
@@ -367,11 +394,16 @@ def quant_matmul(x: torch.Tensor, w) -> torch.Tensor:
     dst = y if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     mn = w.min if w.min is not None else w.scale
     dot_ty, prec = _dot_types(x.dtype)
+    g = w.block_size
+    nblk = w.scale.shape[1]
+    scales = (1 if nblk == 1 or g % bk == 0 else
+              2 if bk % g == 0 and g & (g - 1) == 0 else 0)
     _quant_matmul_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
         x, w.q, w.scale, mn, dst, M, N, w.in_features, KP, x.stride(0), w.q.stride(0),
         w.scale.stride(0), dst.stride(0) if splits > 1 else 0, dst.stride(-2), w.block_size,
         float(w.offset), k_per_split,
-        BITS=w.bits, HAS_MIN=w.min is not None, DOT=dot, DOT_TY=dot_ty, PREC=prec,
+        BITS=w.bits, HAS_MIN=w.min is not None, SCALES=scales, GROUP=g if scales == 2 else 1,
+        DOT=dot, DOT_TY=dot_ty, PREC=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     if splits > 1:
         y = dst.sum(0).to(x.dtype)
