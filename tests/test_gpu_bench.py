@@ -81,7 +81,6 @@ def test_smoke_cpu_path(tmp_path):
 def test_smoke_gpu_path_on_cpu(tmp_path):
     """The engine's GPU path (GPURunner, random weights made by the engine, the kernels'
     Triton versions in the interpreter) under the same script."""
-    pytest.importorskip("miaotui.engine.gpu_runner", reason="this engine has no GPU path")
     pytest.importorskip("triton")
     check_docs(run_smoke(tmp_path, {"MIAOTUI_TRITON_CPU": "1", "TRITON_INTERPRET": "1"}))
 

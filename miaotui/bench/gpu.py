@@ -21,7 +21,6 @@ folder (tests/util.py, tests/gguf_writer_util.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import random
@@ -143,29 +142,16 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int = 10) -> dict:
 
 # ---- engines ----------------------------------------------------------------------------
 def engine_kwargs(device: str, eager: bool | None = None, **kw) -> dict:
-    """Engine options for `device`, refusing a CUDA run on an engine without device
-    support; enforce_eager passed only where the engine has it."""
-    from miaotui.engine.llm_engine import EngineConfig
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    if "device" in fields:
-        kw["device"] = device
-    elif device != "cpu":
-        raise MiaotuiError("this engine has no device option (EngineConfig.device): the CUDA path is missing")
-    if eager is not None and "enforce_eager" in fields:
+    """Engine options for `device`; eager None: the engine's default (CUDA graphs on CUDA)."""
+    kw["device"] = device
+    if eager is not None:
         kw["enforce_eager"] = eager
-    if "gpu_memory_utilization" not in fields:
-        kw.pop("gpu_memory_utilization", None)
-    if device == "cpu":
-        kw.pop("gpu_memory_utilization", None)
     return kw
 
 
 def gpu_path(device: str) -> bool:
     """Whether the engine takes its GPU path on `device` (CUDA, or the Triton-on-CPU mode)."""
-    try:
-        from miaotui.engine import gpu_runner
-    except ImportError:
-        return False
+    from miaotui.engine import gpu_runner
     return gpu_runner.wanted(device)
 
 
@@ -178,11 +164,6 @@ def random_model(shape: str | dict, device: str) -> tuple[object, dict]:
     if gpu_path(device):
         return path, {"load_format": "dummy"}
     return RandomCheckpoint(path), {}
-
-
-def has_graph_switch() -> bool:
-    from miaotui.engine.llm_engine import EngineConfig
-    return "enforce_eager" in {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 def free_device_memory() -> None:
@@ -365,7 +346,7 @@ def decode_row(label: str, model, device: str, copy_bw: float, prompt_len: int, 
     ctx = prompt_len + n / 2                     # mean context over the generated tokens
     per_token = weights + kv * ctx
     rate = per_token / timing["tpot_s"]
-    return {"model": label, "cuda_graphs": None if eager is None or device != "cuda" else not eager, "batch": 1,
+    return {"model": label, "cuda_graphs": None if eager is None else not eager, "batch": 1,
             "prompt_len": prompt_len, "output_len": n, "decode_tok_s": 1 / timing["tpot_s"],
             **timing, "load_s": load_s, "weight_bytes": weights, "kv_bytes_per_ctx_token": kv,
             "bytes_per_token": per_token, "achieved_bytes_per_s": rate,
@@ -374,10 +355,8 @@ def decode_row(label: str, model, device: str, copy_bw: float, prompt_len: int, 
 
 
 def _mode_list(device: str) -> list[bool | None]:
-    """CUDA graphs on, then off; one run where the engine has no such switch or on the CPU."""
-    if not has_graph_switch():
-        return [None]
-    return [False, True] if device == "cuda" else [True]
+    """enforce_eager for each run: CUDA graphs on, then off; one run off CUDA."""
+    return [False, True] if device == "cuda" else [None]
 
 
 def _bandwidth(device: str, smoke: bool) -> dict:
@@ -409,7 +388,7 @@ def suite_decode(device: str, out_dir: str, smoke: bool, shapes=("llama3-8b", "t
                 row = decode_row(shape, model, device, bw["bytes_per_s"], prompt_len, n, repeats, eager,
                                  dtype="bfloat16", **opts)
             except Exception as e:
-                row = {"model": shape, "cuda_graphs": None if eager is None or device != "cuda" else not eager,
+                row = {"model": shape, "cuda_graphs": None if eager is None else not eager,
                        "error": f"{type(e).__name__}: {e}"}
             rec.add(row)
     doc = rec.finish()
@@ -584,13 +563,13 @@ def suite_quant(device: str, out_dir: str, smoke: bool, shape: str = "tinyllama-
                     model = write_random_gguf(dims, fmt[5:], os.path.join(tmp, f"{fmt}.gguf"))
                     write_s = time.perf_counter() - t0
                     row = decode_row(f"{label} {fmt}", model, device, bw["bytes_per_s"], prompt_len, n,
-                                     repeats, False if has_graph_switch() else None, dtype="bfloat16")
+                                     repeats, False if device == "cuda" else None, dtype="bfloat16")
                     row["gguf_write_s"] = write_s
                     os.remove(model)
                 else:   # quantized at load (on the CPU) from weights drawn on the device
                     ckpt = RandomCheckpoint(config_dir(dims), draw_device=device)
                     row = decode_row(f"{label} {fmt}", ckpt, device, bw["bytes_per_s"], prompt_len, n, repeats,
-                                     False if has_graph_switch() else None, dtype="bfloat16", quantization=fmt)
+                                     False if device == "cuda" else None, dtype="bfloat16", quantization=fmt)
             except Exception as e:
                 row = {"model": f"{label} {fmt}", "error": f"{type(e).__name__}: {e}"}
             rec.add(row)
