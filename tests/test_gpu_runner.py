@@ -14,6 +14,7 @@ from miaotui import LLM, SamplingParams
 from miaotui.config import MiaotuiError
 from miaotui.engine.gpu_runner import GPURunner, graph_sizes, pick_size
 from miaotui.engine.llm_engine import EngineConfig, resolve_device
+from miaotui.engine.model_runner import ModelRunner
 from miaotui.engine.sequence import Sequence
 from miaotui.layers.device import gpu_path
 from util import hf_greedy, hf_logits, make_tiny_model
@@ -81,7 +82,7 @@ def test_matches_transformers(family, tiny_dirs, triton_cpu):
 def test_batched_equals_alone(tiny_dirs, triton_cpu):
     path, _ = tiny_dirs["llama"]
     llm = gpu_llm(path)
-    params = SamplingParams(max_tokens=10, logprobs=0, **GREEDY)
+    params = SamplingParams(max_tokens=6, logprobs=0, **GREEDY)
     together = llm.generate(PROMPTS, params)
     for prompt, out in zip(PROMPTS, together):
         alone = llm.generate([prompt], params)[0].outputs[0]
@@ -93,10 +94,10 @@ def test_batched_equals_alone(tiny_dirs, triton_cpu):
 def test_prefix_cache_and_chunked_prefill_give_the_same_tokens(tiny_dirs, triton_cpu):
     """gemma3: sliding-window layers over chunks and cached blocks (prompts past the window)."""
     path, ref = tiny_dirs["gemma3"]
-    long = (PROMPT * 3)[:50]
-    prompts = [long, long[:40] + [1, 2, 3]]   # the second shares two full blocks with the first
-    params = SamplingParams(max_tokens=8, **GREEDY)
-    want = [hf_greedy(ref, p, 8) for p in prompts]
+    long = (PROMPT * 2)[:40]
+    prompts = [long, long[:32] + [1, 2, 3]]   # the second shares two full blocks with the first
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    want = [hf_greedy(ref, p, 5) for p in prompts]
     plain = gpu_llm(path, enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, params)] == want
     cached = gpu_llm(path, max_num_batched_tokens=16)   # chunks of 16, the second from the cache
@@ -134,6 +135,45 @@ def test_padding_rows_leave_real_rows_alone(tiny_dirs, triton_cpu):
         changed = (c.k != b).flatten(1).any(1).nonzero().flatten().tolist()
         assert sorted(changed) == sorted(real)   # the real rows stored, the padding rows nothing
         assert torch.allclose(c.k, a, atol=1e-5, rtol=0)
+
+
+class ReplayAgain:
+    """Stands in for a captured torch.cuda.CUDAGraph on CPU: replay() runs the captured
+    call again over the same static buffers, into the same output tensor."""
+
+    def __init__(self, runner, bs):
+        self.runner, self.bs = runner, bs
+        self.out = runner.decode_forward(*self.args())
+
+    def args(self):
+        r = self.runner
+        return (*r.static[:, :self.bs], r.static_tables[:self.bs])
+
+    def replay(self):
+        with torch.inference_mode():
+            self.out.copy_(self.runner.decode_forward(*self.args()))
+
+
+def test_graph_replay_path_pads_and_picks(tiny_dirs, triton_cpu):
+    """The graph branch of a decode step (static buffers, padding to the next size, the
+    real rows' logits picked) gives transformers' tokens, batched as alone."""
+    path, ref = tiny_dirs["llama"]
+    llm = gpu_llm(path, max_num_seqs=4, max_model_len=64)
+    runner = llm.engine.runner
+    runner.static_buffers(4)
+    with torch.inference_mode():
+        for bs in (1, 2, 4):
+            g = ReplayAgain(runner, bs)
+            runner.graphs[bs] = (g, g.out)
+    runner.graph_sizes = [1, 2, 4]
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    outs = llm.generate(prompts, params)   # 3 rows a step: padded to 4
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(ref, p, 4) for p in prompts]
+    lens = runner.static[3].tolist()
+    assert lens[3] == 0 and lens[:3] == [len(p) + 3 for p in prompts]   # the last step's rows, one padding
+    alone = llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids   # the size-1 graph
+    assert alone == outs[1].outputs[0].token_ids and runner.static[3, 0].item() == len(PROMPTS[1]) + 3
 
 
 def test_graph_ladder():
@@ -189,6 +229,7 @@ def test_random_weights_on_the_device(tiny_dirs, triton_cpu):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tiny_dirs):
     path, _ = tiny_dirs["llama"]
+    assert type(LLM(path, kv_cache_memory=8 << 20).engine.runner) is ModelRunner   # no test mode: CPU
     with pytest.raises(MiaotuiError, match="no CUDA device is available"):
         LLM(path, device="cuda")
     assert resolve_device(EngineConfig()).type == "cpu"   # auto
@@ -235,5 +276,11 @@ def test_cuda_bf16_default_and_memory_sizing(tiny_dirs):
     llm = LLM(path, device="cuda", gpu_memory_utilization=0.5, max_model_len=512)
     assert llm.engine.model.lm_head.weight.dtype == torch.bfloat16
     assert llm.engine.block_manager.num_blocks * 16 >= 512
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=4, **GREEDY))[0].outputs[0]
-    assert out.token_ids[:2] == hf_greedy(ref, PROMPT, 2)
+    eng = llm.engine
+    seq = Sequence("probe", 0, PROMPT, SamplingParams(max_tokens=1), 1)
+    eng.block_manager.allocate(seq, use_cache=False)
+    input_ids, positions, meta = eng.runner.prepare([(seq, len(PROMPT))])
+    with torch.inference_mode(), gpu_path(torch.bfloat16):
+        ours = eng.model.compute_logits(eng.model(input_ids, positions, meta)).float().cpu()
+    theirs = hf_logits(ref, PROMPT)
+    assert (ours - theirs).abs().max() < 0.1 * theirs.abs().max()   # bf16 against float32

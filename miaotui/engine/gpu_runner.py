@@ -16,13 +16,14 @@ next captured size with padding rows (slot -1: nothing stored; seq_len 0: attent
 outputs zeros) and replays. ``enforce_eager`` skips the capture; a step with more rows than
 the largest size runs eagerly.
 
-The test mode (``MIAOTUI_TRITON_CPU=1`` with ``TRITON_INTERPRET=1``) runs this runner on
-CPU tensors (Triton's interpreter, or the PyTorch references without triton), so the whole
-path is tested without a GPU; graphs need CUDA.
+The test mode (``MIAOTUI_TRITON_CPU=1``, with ``TRITON_INTERPRET=1`` set before triton is
+imported) runs this runner on CPU tensors (Triton's interpreter, or the PyTorch references
+without triton), so the whole path is tested without a GPU; graphs need CUDA.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -42,10 +43,10 @@ FLOAT_KV = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def wanted(device: str) -> bool:
-    """Whether an engine on ``device`` ("cpu" | "cuda") takes the GPU path: on CUDA, or
-    in the Triton-on-CPU test mode."""
-    from miaotui.kernels import gpu
-    return device == "cuda" or (device == "cpu" and gpu.triton_cpu_mode())
+    """Whether an engine on ``device`` ("cpu" | "cuda") takes the GPU path: on CUDA, or on
+    CPU with MIAOTUI_TRITON_CPU=1 (the test mode: Triton's interpreter when TRITON_INTERPRET=1
+    and triton imports, else the PyTorch references of miaotui.kernels.gpu)."""
+    return device == "cuda" or (device == "cpu" and os.environ.get("MIAOTUI_TRITON_CPU", "") not in ("", "0"))
 
 
 def graph_sizes(max_num_seqs: int, cap: int = GRAPH_MAX_BATCH) -> list[int]:
@@ -149,14 +150,20 @@ class GPURunner(ModelRunner):
             graph.replay()
         return logits[:rows] if len(want) == rows else logits[want]
 
+    def static_buffers(self, rows: int) -> list[torch.Tensor]:
+        """Allocate the graphs' inputs for up to ``rows`` decode rows, holding padding rows;
+        returns their views for ``rows``: ids, positions, slots, lens, tables."""
+        self.static = torch.zeros(4, rows, dtype=torch.long, device=self.device)
+        self.static[2] = -1   # slots: padding rows store nothing
+        self.static_tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=self.device)
+        return [*self.static, self.static_tables]
+
     def capture(self, sizes: list[int], progress: bool = False) -> None:
         """Capture the decode step at each of ``sizes`` (largest first, sharing one memory
         pool) over static buffers holding padding rows."""
         t0 = time.perf_counter()
         top = sizes[-1]
-        self.static = torch.zeros(4, top, dtype=torch.long, device=self.device)
-        self.static[2] = -1   # slots: padding rows store nothing
-        self.static_tables = torch.zeros(top, self.max_blocks, dtype=torch.int32, device=self.device)
+        self.static_buffers(top)
         order = list(reversed(sizes))
         if progress:
             from tqdm import tqdm
