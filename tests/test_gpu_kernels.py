@@ -118,6 +118,17 @@ def test_prefill_ref_matches_cpu_kernel(window):
     torch.testing.assert_close(ref, cpu, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_ref_in_chunks_of_rows(monkeypatch):
+    """A long batch is gathered a chunk of rows at a time: the same result."""
+    lens = [5, 9, 2, 7, 1]
+    tables, kc, vc, H = paged_case(lens, block_size=4)
+    q, sl = torch.randn(5, H, 16), torch.tensor(lens, dtype=torch.int32)
+    whole = gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 4, 0.3)
+    monkeypatch.setattr(gpu, "_GATHER_ELEMENTS", 2 * tables.shape[1] * 4 * 2 * 16)   # two rows
+    torch.testing.assert_close(gpu.paged_decode_attention_ref(q, kc, vc, tables, sl, 4, 0.3), whole,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_softcap_ref():
     tables, kc, vc, H = paged_case([6], block_size=4, kvh=1, groups=1)
     q = torch.randn(1, H, 16) * 4
@@ -212,8 +223,10 @@ def test_use_triton_is_off_for_plain_cpu_tensors(monkeypatch):
 # operands (numpy has no bfloat16 matmul), and it truncates float32 to bfloat16 where the GPU
 # rounds to nearest. Tolerances: float32 1e-5 (only the order of the sums differs),
 # bfloat16 a few of its ulps (2**-8 relative).
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=4e-3, atol=4e-3)}
 DTYPES = [torch.float32, torch.bfloat16]
+ALL_DTYPES = DTYPES + [torch.float16]
 
 
 @pytest.fixture
@@ -235,7 +248,7 @@ def close(got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_store_kv_triton(interp, dtype):
     T, kvh, d = 5, 2, 16
     qkv = torch.randn(T, 4 + 2 * kvh, d).to(dtype)
@@ -314,11 +327,12 @@ def test_quant_matmul_triton(interp, name):
 
 
 @pytest.mark.parametrize("M", [2, 20])
-def test_quant_matmul_triton_bf16(interp, M):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quant_matmul_triton_16bit(interp, M, dtype):
     w = int_weights()["int4_asym64"]
-    x = torch.randn(M, w.in_features).to(torch.bfloat16)
+    x = torch.randn(M, w.in_features).to(dtype)
     got, want = gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     # the GEMM rounds W to bfloat16 for tl.dot: compare against the size of the output
     err = (got.float() - want.float()).abs().max() / want.float().abs().max()
     assert err < 1e-2
@@ -342,7 +356,7 @@ def test_quant_matmul_split_k(interp, monkeypatch):
     close(gpu.quant_matmul(x, w), gpu.quant_matmul_ref(x, w), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_norms_triton(interp, dtype):
     x, r = torch.randn(5, 48).to(dtype), torch.randn(5, 48).to(dtype)
     w = torch.randn(48)
@@ -356,7 +370,7 @@ def test_norms_triton(interp, dtype):
     close(gpu.rms_norm(heads, w[:16], 1e-6), gpu.rms_norm_ref(heads, w[:16], 1e-6), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_rotary_triton(interp, dtype):
     rope = RotaryEmbedding(32, 64, 10000.0)
     cos, sin = rope.lookup(torch.tensor([0, 5, 33]))
@@ -368,7 +382,7 @@ def test_rotary_triton(interp, dtype):
     assert torch.equal(qkv[:, 8:], want[:, 8:])       # v untouched
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_gated_triton(interp, dtype):
     x = torch.randn(4, 2 * 40).to(dtype) * 3
     close(gpu.silu_mul(x), gpu.gated_ref(x, "silu"), dtype)
@@ -485,3 +499,20 @@ def test_gpu_kernels_replay_in_a_cuda_graph(cuda):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, step())
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile the bf16 variants for an H100/H200
+    here (scripts/triton_compile_check.py, in a process without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import sys
+    if not gpu.triton_available():
+        pytest.skip("triton is not importable here (pip install triton)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "triton_compile_check.py"), "--quick"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "variants compiled for sm_90" in r.stdout

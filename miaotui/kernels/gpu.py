@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from miaotui.config import MiaotuiError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_GATHER_ELEMENTS = 1 << 27   # the attention reference gathers K (and V) this many floats at a time
 
 
 # --- dispatch --------------------------------------------------------------------------
@@ -119,10 +120,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, block_size, scale,
                                window=0, softcap=0.0) -> torch.Tensor:
     B, H, D = q.shape
+    L = tables.shape[1] * block_size
+    rows = max(1, _GATHER_ELEMENTS // max(1, L * k_cache.shape[1] * D))
+    if B > rows:   # rows a chunk at a time: each row gathers its whole table's keys
+        return torch.cat([paged_decode_attention_ref(q[i:i + rows], k_cache, v_cache, tables[i:i + rows],
+                                                     seq_lens[i:i + rows], block_size, scale, window, softcap)
+                          for i in range(0, B, rows)])
     kvh = k_cache.shape[1]
     if B == 0:
         return q.clone()
-    L = tables.shape[1] * block_size
     pos = torch.arange(L, device=q.device)
     slots = tables.long()[:, pos // block_size] * block_size + pos % block_size    # [B, L]
     k = k_cache[slots].float()                                                     # [B, L, KVH, D]
@@ -189,7 +195,8 @@ def quant_matmul(x: torch.Tensor, w) -> torch.Tensor:
 
 def quant_matmul_ref(x: torch.Tensor, w) -> torch.Tensor:
     # the weight's own PyTorch dequantization (bit-exact with dequantize()), a tile at a time
-    return w._matmul_tiles(x.float(), w._dequant_rows).to(x.dtype)
+    x2 = x.reshape(-1, w.in_features).float()
+    return w._matmul_tiles(x2, w._dequant_rows).to(x.dtype).view(*x.shape[:-1], w.out_features)
 
 
 # --- norms -----------------------------------------------------------------------------
