@@ -1,4 +1,4 @@
-"""Subcommands: `miaotui bench latency|throughput|serve|compare`, `miaotui estimate`,
+"""Subcommands: `miaotui bench latency|throughput|serve|compare|gpu`, `miaotui estimate`,
 `miaotui perplexity`. Model names may also be random-weight shapes (smollm2-135m,
 tinyllama-1.1b; see miaotui.bench.shapes)."""
 from __future__ import annotations
@@ -189,6 +189,15 @@ def cmd_compare(args) -> None:
             raise MiaotuiError(f"cannot read {path}: {e}") from None
     print(f"A: {args.a} ({docs[0].get('kind')})\nB: {args.b} ({docs[1].get('kind')})")
     print(compare(*docs))
+
+
+# ---- bench gpu --------------------------------------------------------------------------
+def cmd_gpu(args) -> None:
+    from miaotui.bench import gpu
+    docs = gpu.run([s for s in args.suites.split(",") if s], args.device, args.out, args.smoke)
+    failed = [f"{r['family']} {r['dtype']}" for r in docs.get("parity", {}).get("results", []) if not r["passed"]]
+    if failed:
+        raise MiaotuiError(f"parity with transformers failed: {', '.join(failed)} (see gpu_parity.json)")
 
 
 # ---- estimate ---------------------------------------------------------------------------
@@ -392,6 +401,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("a")
     p.add_argument("b")
     p.set_defaults(func=cmd_compare)
+
+    from miaotui.bench.gpu import SUITES
+    p = sub.add_parser("gpu", help="the CUDA path: parity, decode, throughput, quantized decode")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, of {', '.join(SUITES)}")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, a few tokens: checks the script")
+    p.add_argument("--out", default=None, help="folder for gpu_<suite>.json (default: $OUT/results, "
+                   "else results/gpu)")
+    p.set_defaults(func=cmd_gpu)
 
     p = subparsers.add_parser("estimate", help="roofline: FLOPs, bytes, predicted speed, memory")
     cli.add_model_args(p)

@@ -29,7 +29,10 @@ def default_model_path() -> str:
 def open_checkpoint(path: str | None, weights: bool = True):
     """An HFCheckpoint or GGUFCheckpoint for a path (None: the default model). weights=False
     (random weights, EngineConfig.load_format "dummy"): a Hugging Face directory's config.json
-    and tokenizer, no weight files needed."""
+    and tokenizer, no weight files needed. A checkpoint object (bench/shapes.py's
+    RandomCheckpoint: weights drawn as they are loaded) is used as it is."""
+    if hasattr(path, "tensors") and hasattr(path, "config"):
+        return path
     path = os.fspath(path) if path else default_model_path()  # a pathlib.Path too
     if not os.path.exists(path):
         raise MiaotuiError(f"model path not found: {path}")
