@@ -226,6 +226,22 @@ def test_random_weights_on_the_device(tiny_dirs, triton_cpu):
         LLM(d, load_format="random")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_random_weights_on_the_cpu_path(tiny_dirs, dtype):
+    """load_format="dummy" on the CPU path: 16-bit weights, float32 rotary tables (the fused
+    decode step reads them), and the fused step agrees with the PyTorch path."""
+    path, _ = tiny_dirs["llama"]
+    llm = LLM(path, load_format="dummy", dtype=dtype, device="cpu", max_model_len=128)
+    model = llm.engine.model
+    assert model.rotary.cos.dtype == torch.float32
+    assert model.layers[0].self_attn.qkv_proj.weight.dtype == getattr(torch, dtype)
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=4, **GREEDY))[0].outputs[0]
+    assert len(out.token_ids) == 4
+    decoder, llm.engine.runner.decoder = llm.engine.runner.decoder, None   # the PyTorch path
+    again = llm.generate([PROMPT], SamplingParams(max_tokens=4, **GREEDY))[0].outputs[0]
+    assert decoder is not None and again.token_ids == out.token_ids
+
+
 def test_kv_budget_arithmetic():
     GiB = 1 << 30
     # 100 GiB device, 0.9 of it; weights 10 GiB, a step peaking 2 GiB above them; the CUDA

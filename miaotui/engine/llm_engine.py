@@ -197,7 +197,7 @@ class LLMEngine:
         quant = None if config.quantization == "gguf" else config.quantization
         if config.load_format == "dummy":
             from miaotui.loader.placement import random_model
-            self.model = random_model(cfg, dtype, self.device)
+            self.model = random_model(cfg, dtype, self.device, gpu_path=self.gpu_path)
         elif self.gpu_path:   # loaded as stored (a tied head stays tied), cast once by move_model
             self.model = build_model(ckpt, torch.float32, quant, config.group_size, config.progress,
                                      keep_16bit=True)

@@ -19,9 +19,11 @@ def _norm_params(model: nn.Module) -> set[int]:
             for p in m.parameters(recurse=False)}
 
 
-def move_model(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+def move_model(model: nn.Module, device: str | torch.device, dtype: torch.dtype,
+               buffer_dtype: torch.dtype | None = None) -> nn.Module:
     """Move ``model`` to ``device`` in place for the GPU path (see the module docstring).
-    A GGUF embedding read from the file on lookup is read into memory first."""
+    A GGUF embedding read from the file on lookup is read into memory first. Floating
+    buffers (rotary tables) become ``buffer_dtype`` (default: ``dtype``)."""
     from miaotui.layers.embedding import Embedding
     from miaotui.layers.linear import RowStack
     from miaotui.layers.quant import QuantWeight
@@ -46,12 +48,12 @@ def move_model(model: nn.Module, device: str | torch.device, dtype: torch.dtype)
             p.data = done[key]
         for name, b in list(m._buffers.items()):
             if b is not None:
-                m._buffers[name] = b.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
+                m._buffers[name] = b.to(device=device, dtype=(buffer_dtype or dtype) if b.is_floating_point() else b.dtype)
     return model
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device,
-                 seed: int = 0, std: float = 0.02) -> nn.Module:
+                 seed: int = 0, std: float = 0.02, gpu_path: bool = True) -> nn.Module:
     """The architecture of ``cfg`` with random weights made directly on ``device`` (no
     checkpoint; for benchmarks at real shapes: EngineConfig.load_format "dummy"): matrices
     normal(0, std) in ``dtype``, norms ones, biases zeros, a tied head sharing the table."""
@@ -75,4 +77,5 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.devic
     if cfg.tie_word_embeddings or cfg.family == "gpt2":
         table = model.wte if hasattr(model, "wte") else model.embed_tokens.weight
         model.lm_head.weight.data = table.data
-    return move_model(model, device, dtype).eval()
+    # the CPU path computes in float32 from 16-bit weights: its rotary tables stay float32
+    return move_model(model, device, dtype, None if gpu_path else torch.float32).eval()
