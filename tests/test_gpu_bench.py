@@ -126,3 +126,12 @@ def test_gpu_check_script_dry_run(tmp_path):
     doc = json.loads((tmp_path / "results" / "gpu_throughput.json").read_text())
     assert doc["complete"] and "error" not in doc["results"][0]
     assert sorted(os.listdir(tmp_path)) == ["log", "results"]
+
+
+def test_cli_names_the_suites_without_importing_torch():
+    """bench/cli.py spells the suites out so that argument errors stay torch-free; they must
+    stay bench/gpu.py's."""
+    import re
+    src = open(os.path.join(ROOT, "miaotui", "bench", "cli.py")).read()
+    names = re.search(r'SUITES = \(([^)]*)\)', src).group(1)
+    assert tuple(n.strip().strip('"') for n in names.split(",")) == gpu.SUITES

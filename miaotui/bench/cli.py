@@ -402,7 +402,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("b")
     p.set_defaults(func=cmd_compare)
 
-    from miaotui.bench.gpu import SUITES
+    SUITES = ("parity", "decode", "throughput", "quant")   # bench/gpu.py's (it imports torch)
     p = sub.add_parser("gpu", help="the CUDA path: parity, decode, throughput, quantized decode")
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, of {', '.join(SUITES)}")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")

@@ -33,7 +33,7 @@ import torch
 
 from miaotui.config import MiaotuiError
 
-SUITES = ("parity", "decode", "throughput", "quant")
+SUITES = ("parity", "decode", "throughput", "quant")   # also written in bench/cli.py (no torch there)
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "gpt2")
 HBM_PEAK_BYTES_S = 4.8e12          # H200 datasheet; the measured copy bandwidth sits beside it
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 7, 7, 120, 64, 200, 33, 18, 90, 11, 2, 300, 301, 45]
