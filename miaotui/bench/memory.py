@@ -219,9 +219,9 @@ def workspace_bytes(cfg, step_tokens: int, logit_rows: int) -> int:
                         + logit_rows * cfg.vocab_size)
 
 
-# bytes per GGUF block once repacked (layers/quant.py): as stored for Q8_0/Q4_0/Q4_1, more for
-# the formats whose bits do not fit int8/int4 blocks of 32 with one scale (and min)
-REPACKED_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 34, "Q5_1": 36,
+# bytes per GGUF block once repacked (layers/quant.py): as stored for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1,
+# more for the K-quants, whose two-level scales become one float32 per block of 16 or 32
+REPACKED_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
                         "Q4_K": 192, "Q5_K": 320, "Q6_K": 320, "Q8_K": 260}
 _FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 

@@ -398,7 +398,7 @@ void qf32_matmul_into(const float* x, int64_t ldx, int64_t T, int64_t K, const W
                       int64_t ldy) {
   TORCH_CHECK(K <= w.K, "x is wider than the weight");
   if (T == 0 || w.N == 0) return;
-  if (T <= kInlineDequantRows) {
+  if (T <= kInlineDequantRows && w.bits != 5) {  // the tiles read int4/int8 rows; int5: dequant_row below
     split(T, w.N, 32, [&](int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
       qrows(x + t0 * ldx, ldx, t1 - t0, K, w, n0, n1, y + t0 * ldy + n0, ldy);
     });

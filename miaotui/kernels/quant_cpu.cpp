@@ -4,6 +4,11 @@
 //   int8: q int8 [N, K]
 //   int4: q uint8 [N, K/2]; each block of 32 values takes 16 bytes, byte i holding
 //         value i in its low nibble and value i+16 in its high nibble (GGUF's Q4_0 order)
+//   int5: q uint8 [N, 5K/8]; a row is its low four bits as int4's (K/2 bytes), then the
+//         fifth bits, 4 bytes a block (bit i: value i), as GGUF's Q5_0/Q5_1 store them;
+//         w = scale * (q - 16), or scale * q + min. The kernels unpack a block to the
+//         int8 values Q5 tensors used to be repacked to and compute as for int8 weights,
+//         so the results are those bits, for 0.69 instead of 1.06 bytes a weight.
 //   scale [N, K/B] float32 or float16, and for some formats min [N, K/B]:
 //         w = scale * q + min      int8, and int4 with a min
 //         w = scale * (q - 8)      int4 without a min ("offset" = 8)
@@ -33,6 +38,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -54,6 +60,30 @@ inline __m256i unpack_int4(const uint8_t* p) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i m = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+// The 32 values of int5 block b of a row (low nibbles at row, fifth bits at row + K/2) as
+// int8, minus 16 when sub16: the bytes an int8 repack of the block holds.
+inline __m256i unpack_int5(const uint8_t* row, int64_t half_k, int64_t b, bool sub16) {
+  int32_t bits;
+  std::memcpy(&bits, row + half_k + 4 * b, 4);
+  // byte j of the 32 gets bit j of `bits`: byte j / 8 copied to byte j, tested against 1 << j % 8
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(bits), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i mask = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);  // 0xFF where the bit is set
+  const __m256i low = unpack_int4(row + 16 * b);
+  // set: low | 16 (minus 16: low); clear: low (minus 16: low - 16)
+  return sub16 ? _mm256_add_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(-16)))
+               : _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+}
+
+// A block of an int8 (kQ5: int5) weight row as 32 int8 values.
+template <bool kQ5>
+__attribute__((always_inline)) inline __m256i int8_block(const Weights& w, const uint8_t* row, int64_t b) {
+  if constexpr (kQ5) return unpack_int5(row, w.K / 2, b, w.q5_sub16);
+  else return load32(row + 32 * b);
 }
 
 // Sum of w * x over a block of 32, as 8 int32 partial sums (lane i: values 4i..4i+3).
@@ -318,8 +348,9 @@ __attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, 
 // acc. Their integer dot products are reduced to one vector of (up to) eight sums, scaled
 // by eight (weight scale * dx) products and accumulated with one FMA; with scale blocks of
 // 32 the min/offset term rides along (one more FMA). Called with m = 8 for whole groups
-// and once with a smaller m for the rest of a row, whose missing lanes are zeros.
-template <bool kInt4, bool kB16, typename S, int TM>
+// and once with a smaller m for the rest of a row, whose missing lanes are zeros. kQ5:
+// int5 weights, unpacked to the int8 values and then computed as int8 ones.
+template <bool kInt4, bool kQ5, bool kB16, typename S, int TM>
 __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a, const uint8_t* wq,
                                                  const S* ws, const S* wm, int64_t b, int m,
                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -360,7 +391,7 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
     }
   } else {
     __m256i wv[8];
-    for (int i = 0; i < 8; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
+    for (int i = 0; i < 8; ++i) wv[i] = i < m ? int8_block<kQ5>(w, wq, b + i) : zero;
     __m256 sc_lo, sc_hi, c8;  // weight scales lined up with reduce8's lanes; min term factors
     if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
       sc_lo = _mm256_permutevar8x32_ps(load_part(ws + 2 * b, 2 * m), even_odd);
@@ -395,7 +426,7 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
 // The same for a short rest of at most four int8 blocks (K = 576 leaves two): half the
 // reduction of a whole group, ~13% faster at K = 576 (an int4 rest gains nothing from it).
 // Lane j and lane j + 4 of the reduced sums both belong to block j.
-template <bool kB16, typename S, int TM>
+template <bool kQ5, bool kB16, typename S, int TM>
 __attribute__((always_inline)) inline void group4_int8(const Weights& w, const Acts& a, const uint8_t* wq,
                                                        const S* ws, const S* wm, int64_t b, int m,
                                                        bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -404,7 +435,7 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
                          : _mm256_permutevar8x32_ps(scales_part(ws, b, w.shift, m), idx);
   const __m256 c4 = !inline_min ? _mm256_setzero_ps() : wm ? load_part(wm + b, m) : scales_part(ws, b, 0, m);
   __m256i wv[4];
-  for (int i = 0; i < 4; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
+  for (int i = 0; i < 4; ++i) wv[i] = i < m ? int8_block<kQ5>(w, wq, b + i) : zero;
   for (int t = 0; t < TM; ++t) {
     const int8_t* xq = a.q + (t0 + t) * w.K + 32 * b;
     __m256i p[4];
@@ -422,7 +453,7 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
 constexpr int64_t kPrefetchBytes = 4096;
 
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
-template <bool kInt4, bool kB16, typename S, int TM>
+template <bool kInt4, bool kQ5, bool kB16, typename S, int TM>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
@@ -435,18 +466,19 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
     __m256 acc[TM];
     for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < full; b += 8) {
-      const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 ? 16 : 32) * b + kPrefetchBytes;
-      for (int l = 0; l < (kInt4 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-      group<kInt4, kB16, S, TM>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
+      const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 || kQ5 ? 16 : 32) * b + kPrefetchBytes;
+      for (int l = 0; l < (kInt4 || kQ5 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      if (kQ5) _mm_prefetch(reinterpret_cast<const char*>(wq) + K / 2 + 4 * b + kPrefetchBytes, _MM_HINT_T0);
+      group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
     }
     if constexpr (!kInt4) {
       if (rest && rest <= 4) {
-        group4_int8<kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group4_int8<kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       } else if (rest) {
-        group<kInt4, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       }
     } else if (rest) {
-      group<kInt4, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+      group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
     }
     float r[TM];
     for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
@@ -467,7 +499,7 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
   }
 }
 
-template <bool kInt4, bool kB16, typename S>
+template <bool kInt4, bool kQ5, bool kB16, typename S>
 void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
               int64_t n1) {
   // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
@@ -476,10 +508,10 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       switch (std::min<int64_t>(4, T - t0)) {
-        case 1: dot_rows<kInt4, kB16, S, 1>(w, a, y, ldy, c0, c1, t0); break;
-        case 2: dot_rows<kInt4, kB16, S, 2>(w, a, y, ldy, c0, c1, t0); break;
-        case 3: dot_rows<kInt4, kB16, S, 3>(w, a, y, ldy, c0, c1, t0); break;
-        default: dot_rows<kInt4, kB16, S, 4>(w, a, y, ldy, c0, c1, t0); break;
+        case 1: dot_rows<kInt4, kQ5, kB16, S, 1>(w, a, y, ldy, c0, c1, t0); break;
+        case 2: dot_rows<kInt4, kQ5, kB16, S, 2>(w, a, y, ldy, c0, c1, t0); break;
+        case 3: dot_rows<kInt4, kQ5, kB16, S, 3>(w, a, y, ldy, c0, c1, t0); break;
+        default: dot_rows<kInt4, kQ5, kB16, S, 4>(w, a, y, ldy, c0, c1, t0); break;
       }
     }
   }
@@ -489,7 +521,7 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
 
 Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                  int64_t block, int64_t bits, double offset) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "bits must be 4, 5 or 8");
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.dim() == 2 && q.element_size() == 1,
               "q must be a contiguous 2-d int8/uint8 tensor");
   TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf);
@@ -497,8 +529,8 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
   w.q = static_cast<const uint8_t*>(q.data_ptr());
   w.N = q.size(0);
   w.row_bytes = q.size(1);
-  w.K = bits == 8 ? w.row_bytes : 2 * w.row_bytes;
-  TORCH_CHECK(w.K % 32 == 0, "K must be a multiple of 32");
+  w.K = bits == 8 ? w.row_bytes : bits == 4 ? 2 * w.row_bytes : w.row_bytes * 8 / 5;
+  TORCH_CHECK(w.K % 32 == 0 && w.K * bits == 8 * w.row_bytes, "K must be a multiple of 32");
   w.scale = scale.data_ptr();
   w.nwb = scale.size(1);
   TORCH_CHECK(scale.size(0) == w.N && w.nwb * block == w.K, "scale shape");
@@ -509,6 +541,12 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
     w.min = min.data_ptr();
   }
   w.offset = static_cast<float>(offset);
+  w.q5_sub16 = false;
+  if (bits == 5) {  // the offset is taken when unpacking (unpack_int5)
+    TORCH_CHECK(w.min ? offset == 0 : offset == 16, "int5: offset 16 without a min, else 0");
+    w.q5_sub16 = !w.min;
+    w.offset = 0.0f;
+  }
   w.shift = 0;
   if (block == w.K) w.shift = 62;  // one scale per row
   else if (block != 16) {
@@ -516,6 +554,7 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
     while ((32 << w.shift) < block) ++w.shift;
   }
   TORCH_CHECK(block != 16 || (bits == 8 && !w.min && offset == 0), "block 16: int8 only");
+  TORCH_CHECK(bits != 5 || block == 32, "int5: blocks of 32");
   w.bits = static_cast<int>(bits);
   w.half = scale.scalar_type() == at::kHalf;
   w.b16 = block == 16;
@@ -538,14 +577,17 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
   }
   parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
     if (w.bits == 4) {
-      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<true, false, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<true, false, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<true, false, false, float>(w, a, y, ldy, T, n0, n1);
+    } else if (w.bits == 5) {  // Q5_0 / Q5_1: float16 scales (and mins), blocks of 32
+      TORCH_CHECK(w.half && !w.b16 && w.shift == 0, "int5 weights take float16 scales per block of 32");
+      run_rows<false, true, false, half_t>(w, a, y, ldy, T, n0, n1);
     } else if (w.b16) {
-      if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, true, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, false, true, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, false, true, float>(w, a, y, ldy, T, n0, n1);
     } else {
-      if (w.half) run_rows<false, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, false, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, false, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, false, false, float>(w, a, y, ldy, T, n0, n1);
     }
   });
 }
@@ -573,7 +615,8 @@ void dequant_row_t(const Weights& w, int64_t n, float* o) {
   const S* ws = static_cast<const S*>(w.scale) + n * w.nwb;
   const S* wm = w.min ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i v = int4 ? unpack_int4(wq + 16 * b) : load32(wq + 32 * b);
+    __m256i v = int4 ? unpack_int4(wq + 16 * b) : w.bits == 5 ? unpack_int5(wq, w.K / 2, b, w.q5_sub16)
+                                                              : load32(wq + 32 * b);
     if (int4 && !wm) v = _mm256_sub_epi8(v, eight);
     const __m128i h[2] = {_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)};
     for (int k = 0; k < 4; ++k) {  // values 8k..8k+7
@@ -600,7 +643,7 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tenso
                    int64_t block, int64_t bits, double offset, int64_t n0, int64_t n1) {
   const Weights w = describe(q, scale, min, block, bits, offset);
   TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.N, "row range");
-  TORCH_CHECK(bits == 8 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
+  TORCH_CHECK(bits != 4 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
   at::Tensor out = at::empty({n1 - n0, w.K}, scale.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   parallel_rows(n1 - n0, 4, [&](int64_t r0, int64_t r1) {

@@ -39,8 +39,9 @@ struct Weights {
   int64_t nwb;        // scale blocks per row
   int shift;          // scale index of 32-block b is b >> shift (B == 16: unused)
   int64_t row_bytes;
-  float offset;       // 8 for int4 without a min, else 0
-  int bits;           // 4 or 8
+  float offset;       // 8 for int4 without a min, else 0 (int5: in q5_sub16)
+  int bits;           // 4, 5 or 8
+  bool q5_sub16;      // int5 without a min: 16 is subtracted when unpacking
   bool half;          // float16 scales (else float32)
   bool b16;           // blocks of 16
 };
