@@ -249,6 +249,10 @@ class Int5Weight(QuantWeight):
         v = v.view(torch.int8)
         return v - 16 if self.min is None else v
 
+    def as_int8(self) -> Int8Weight:
+        """The same values as an Int8Weight (the CUDA kernels have no 5-bit layout)."""
+        return Int8Weight(self._ints(self.q), self.scale, self.min, self.block_size, self.in_features)
+
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [rows, k/2] -> values uint8 [rows, k]."""

@@ -26,17 +26,22 @@ def move_model(model: nn.Module, device: str | torch.device, dtype: torch.dtype,
     buffers (rotary tables) become ``buffer_dtype`` (default: ``dtype``)."""
     from miaotui.layers.embedding import Embedding
     from miaotui.layers.linear import RowStack
-    from miaotui.layers.quant import QuantWeight
+    from miaotui.layers.quant import Int5Weight, QuantWeight
     for m in model.modules():
         if isinstance(m, Embedding):
             m.hold()
         q = getattr(m, "qweight", None)
         if q is not None:
-            for part in (q.parts if isinstance(q, RowStack) else [q]):
+            parts = q.parts if isinstance(q, RowStack) else [q]
+            for i, part in enumerate(parts):
                 if not isinstance(part, QuantWeight):
                     raise MiaotuiError(f"{type(part).__name__} weights (2:4 sparse) run on CPU only; "
                                        "use device='cpu'")
+                if isinstance(part, Int5Weight):   # GGUF Q5_0/Q5_1: computed as int8 on the GPU
+                    parts[i] = part = part.as_int8()
                 part.to(device)   # a tied head's blocks are the embedding's: moved once
+            if not isinstance(q, RowStack):
+                m.qweight = parts[0]
     norms, done = _norm_params(model), {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
