@@ -60,8 +60,9 @@ def gguf_file(shape: str, qtype: str, llama_quantize: str | None = None) -> str:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from gguf_writer_util import write_gguf_from_hf
         print(f"writing {path} ...", file=sys.stderr, flush=True)
-        write_gguf_from_hf(hf, path + ".tmp", qtype)
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.{os.getpid()}.tmp"   # per process: concurrent runs may make the same file
+        write_gguf_from_hf(hf, tmp, qtype)
+        os.replace(tmp, path)
     return path
 
 
@@ -288,7 +289,6 @@ def plot_depth(rows: list[dict], png: str) -> None:
 def tools_main(args) -> None:
     from miaotui.bench import llama_tools
     from miaotui.bench.report import environment
-    from miaotui.bench.shapes import hf_config
     suites = args.suites.split(",")
     for flag, suite_names in (("llama_bench", ("depth", "prefill")), ("llama_batched_bench", ("batched",))):
         if any(s in suites for s in suite_names):
@@ -298,6 +298,23 @@ def tools_main(args) -> None:
     if args.llama_quantize:
         llama_tools.check_tool(args.llama_quantize, "--llama-quantize")
     result = {"env": environment(), "args": vars(args), "files": {}, "depth": [], "prefill": [], "batched": []}
+    busy = start_busy(args.busy)
+    try:
+        _tools_runs(args, suites, result)
+    finally:
+        for proc in busy:
+            proc.kill()
+
+
+def start_busy(n: int) -> list:
+    """n competing processes, each spinning on one core for the whole run (issue 17's busy
+    machine: how each engine copes with a core it does not have to itself)."""
+    import subprocess
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _tools_runs(args, suites: list[str], result: dict) -> None:
+    from miaotui.bench.shapes import hf_config
 
     def save():
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -405,6 +422,7 @@ def main() -> None:
     ap.add_argument("--ntg", type=int, default=128)
     ap.add_argument("--npl", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--plot", help="PNG of the depth sweep")
+    ap.add_argument("--busy", type=int, default=0, help="competing busy-loop processes during the run")
     ap.add_argument("--out", default=None, help="JSON (default results/llama_tools.json, or "
                     "results/cpu_path.json without the tools)")
     args = ap.parse_args()

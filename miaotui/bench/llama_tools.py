@@ -101,7 +101,7 @@ def quantize(binary: str, src: str, dst: str, qtype: str, threads: int = 2) -> s
     """dst = src quantized to qtype by llama-quantize, every tensor in that type (--pure:
     no Q6_K output layer), written beside and renamed into place when complete."""
     if not os.path.isfile(dst):
-        tmp = dst + ".tmp"
+        tmp = f"{dst}.{os.getpid()}.tmp"   # per process: concurrent runs may make the same file
         _run([binary, "--pure", src, tmp, qtype, str(threads)], timeout=3600)
         os.replace(tmp, dst)
     return dst
