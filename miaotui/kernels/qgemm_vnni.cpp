@@ -10,7 +10,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "qgemm_vnni.h"
 
@@ -20,7 +19,7 @@ namespace {
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
-  std::memcpy(&v, p, 4);
+  __builtin_memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
 
