@@ -170,19 +170,13 @@ namespace miaotui {
 namespace avx512 {
 namespace {
 
-// MR rows of x, packed (xp[k * MR + i] = x[i, k]), against kc values of one packed panel of
-// 32 columns (nc of them stored): 2 * MR accumulators, each column's sum one FMA chain over
-// k in order; add: the chains continue from the partial sums in y (earlier chunks of k).
+// MR rows of x, packed (xp[k * MR + i] = x[i, k]), against one packed panel of 32 columns
+// (nc of them stored): 2 * MR accumulators, each column's sum one FMA chain over k in order.
 template <int MR>
-inline void gemm_tile(const float* xp, const float* p, int64_t kc, float* y, int64_t ldy, int nc, bool add) {
-  const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-  const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : static_cast<__mmask16>((1u << (nc - 16)) - 1);
+inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int64_t ldy, int nc) {
   __m512 a0[MR], a1[MR];
-  for (int i = 0; i < MR; ++i) {
-    a0[i] = add ? _mm512_maskz_loadu_ps(m0, y + i * ldy) : _mm512_setzero_ps();
-    a1[i] = add ? _mm512_maskz_loadu_ps(m1, y + i * ldy + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
+  for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
     const __m512 w0 = _mm512_loadu_ps(p + 32 * k), w1 = _mm512_loadu_ps(p + 32 * k + 16);
     for (int i = 0; i < MR; ++i) {
       const __m512 b = _mm512_set1_ps(xp[k * MR + i]);
@@ -190,6 +184,8 @@ inline void gemm_tile(const float* xp, const float* p, int64_t kc, float* y, int
       a1[i] = _mm512_fmadd_ps(b, w1, a1[i]);
     }
   }
+  const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
+  const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc <= 16 ? 0 : static_cast<__mmask16>((1u << (nc - 16)) - 1);
   for (int i = 0; i < MR; ++i) {
     _mm512_mask_storeu_ps(y + i * ldy, m0, a0[i]);
     _mm512_mask_storeu_ps(y + i * ldy + 16, m1, a1[i]);
@@ -197,35 +193,32 @@ inline void gemm_tile(const float* xp, const float* p, int64_t kc, float* y, int
 }
 
 template <int MR>
-void gemm_rows(const float* xp, const float* panels, int64_t K, int64_t k0, int64_t kc, int64_t N, float* y,
-               int64_t ldy) {
+void gemm_rows(const float* xp, const float* panels, int64_t K, int64_t N, float* y, int64_t ldy) {
   for (int64_t n = 0; n < N; n += 32)
-    gemm_tile<MR>(xp + k0 * MR, panels + n * K + k0 * 32, kc, y + n, ldy, static_cast<int>(lesser(32, N - n)),
-                  k0 > 0);
+    gemm_tile<MR>(xp, panels + n * K, K, y + n, ldy, static_cast<int>(lesser(32, N - n)));
 }
 
 }  // namespace
 
-void gemm_packed(const float* xp, int64_t T, int64_t K, int64_t k0, int64_t kc, const float* panels, int64_t N,
-                 float* y, int64_t ldy) {
+void gemm_packed(const float* xp, int64_t T, int64_t K, const float* panels, int64_t N, float* y, int64_t ldy) {
   constexpr int MR = kGemmMR;
   int64_t t = 0;
-  for (; t + MR <= T; t += MR) gemm_rows<MR>(xp + t * K, panels, K, k0, kc, N, y + t * ldy, ldy);
+  for (; t + MR <= T; t += MR) gemm_rows<MR>(xp + t * K, panels, K, N, y + t * ldy, ldy);
   const float* xr = xp + t * K;
   float* yr = y + t * ldy;
   switch (T - t) {
     case 0: break;
-    case 1: gemm_rows<1>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 2: gemm_rows<2>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 3: gemm_rows<3>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 4: gemm_rows<4>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 5: gemm_rows<5>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 6: gemm_rows<6>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 7: gemm_rows<7>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 8: gemm_rows<8>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 9: gemm_rows<9>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 10: gemm_rows<10>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    default: gemm_rows<11>(xr, panels, K, k0, kc, N, yr, ldy); break;
+    case 1: gemm_rows<1>(xr, panels, K, N, yr, ldy); break;
+    case 2: gemm_rows<2>(xr, panels, K, N, yr, ldy); break;
+    case 3: gemm_rows<3>(xr, panels, K, N, yr, ldy); break;
+    case 4: gemm_rows<4>(xr, panels, K, N, yr, ldy); break;
+    case 5: gemm_rows<5>(xr, panels, K, N, yr, ldy); break;
+    case 6: gemm_rows<6>(xr, panels, K, N, yr, ldy); break;
+    case 7: gemm_rows<7>(xr, panels, K, N, yr, ldy); break;
+    case 8: gemm_rows<8>(xr, panels, K, N, yr, ldy); break;
+    case 9: gemm_rows<9>(xr, panels, K, N, yr, ldy); break;
+    case 10: gemm_rows<10>(xr, panels, K, N, yr, ldy); break;
+    default: gemm_rows<11>(xr, panels, K, N, yr, ldy); break;
   }
 }
 

@@ -255,18 +255,13 @@ void split(int64_t T, int64_t N, int64_t nb, const F& f) {
 // agree bit for bit (the dot-product tiles did not). The decode path keeps the dot-product
 // tiles: one row of x cannot pay for packing W.
 
-// MR rows of x, packed (xp[k * MR + i] = x[i, k]), against kc values of one packed panel of
-// 16 columns (nc stored), AVX2. add: continue the chains from the partial sums in y (the
-// previous chunks of k), else start them at zero.
+// MR rows of x, packed (xp[k * MR + i] = x[i, k]), against one packed panel of 16 columns
+// (nc stored), AVX2.
 template <int MR>
-inline void gemm_tile(const float* xp, const float* p, int64_t kc, float* y, int64_t ldy, int nc, bool add) {
+inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int64_t ldy, int nc) {
   __m256 a0[MR], a1[MR];
-  const __m256i m0 = tail_mask(std::min(nc, 8)), m1 = tail_mask(std::max(0, nc - 8));
-  for (int i = 0; i < MR; ++i) {
-    a0[i] = add ? _mm256_maskload_ps(y + i * ldy, m0) : _mm256_setzero_ps();
-    a1[i] = add ? _mm256_maskload_ps(y + i * ldy + 8, m1) : _mm256_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
+  for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(p + 16 * k), w1 = _mm256_loadu_ps(p + 16 * k + 8);
     for (int i = 0; i < MR; ++i) {
       const __m256 b = _mm256_broadcast_ss(xp + k * MR + i);
@@ -274,35 +269,34 @@ inline void gemm_tile(const float* xp, const float* p, int64_t kc, float* y, int
       a1[i] = _mm256_fmadd_ps(b, w1, a1[i]);
     }
   }
+  const __m256i m0 = tail_mask(std::min(nc, 8)), m1 = tail_mask(std::max(0, nc - 8));
   for (int i = 0; i < MR; ++i) {
-    _mm256_maskstore_ps(y + i * ldy, m0, a0[i]);
-    _mm256_maskstore_ps(y + i * ldy + 8, m1, a1[i]);
+    if (nc >= 8) _mm256_storeu_ps(y + i * ldy, a0[i]);
+    else _mm256_maskstore_ps(y + i * ldy, m0, a0[i]);
+    if (nc >= 16) _mm256_storeu_ps(y + i * ldy + 8, a1[i]);
+    else if (nc > 8) _mm256_maskstore_ps(y + i * ldy + 8, m1, a1[i]);
   }
 }
 
-// One block of MR packed rows against every panel (panel n / 16 at n * K), values k0..k0+kc.
 template <int MR>
-void gemm_rows(const float* xp, const float* panels, int64_t K, int64_t k0, int64_t kc, int64_t N, float* y,
-               int64_t ldy) {
+void gemm_rows(const float* xp, const float* panels, int64_t K, int64_t N, float* y, int64_t ldy) {
   for (int64_t n = 0; n < N; n += 16)
-    gemm_tile<MR>(xp + k0 * MR, panels + n * K + k0 * 16, kc, y + n, ldy,
-                  static_cast<int>(std::min<int64_t>(16, N - n)), k0 > 0);
+    gemm_tile<MR>(xp, panels + n * K, K, y + n, ldy, static_cast<int>(std::min<int64_t>(16, N - n)));
 }
 
 // x packed in blocks of 6 rows (as avx512::gemm_packed takes it, with 6 for kGemmMR).
-void gemm_packed_avx2(const float* xp, int64_t T, int64_t K, int64_t k0, int64_t kc, const float* panels,
-                      int64_t N, float* y, int64_t ldy) {
+void gemm_packed_avx2(const float* xp, int64_t T, int64_t K, const float* panels, int64_t N, float* y, int64_t ldy) {
   int64_t t = 0;
-  for (; t + 6 <= T; t += 6) gemm_rows<6>(xp + t * K, panels, K, k0, kc, N, y + t * ldy, ldy);
+  for (; t + 6 <= T; t += 6) gemm_rows<6>(xp + t * K, panels, K, N, y + t * ldy, ldy);
   const float* xr = xp + t * K;
   float* yr = y + t * ldy;
   switch (T - t) {
     case 0: break;
-    case 1: gemm_rows<1>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 2: gemm_rows<2>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 3: gemm_rows<3>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    case 4: gemm_rows<4>(xr, panels, K, k0, kc, N, yr, ldy); break;
-    default: gemm_rows<5>(xr, panels, K, k0, kc, N, yr, ldy); break;
+    case 1: gemm_rows<1>(xr, panels, K, N, yr, ldy); break;
+    case 2: gemm_rows<2>(xr, panels, K, N, yr, ldy); break;
+    case 3: gemm_rows<3>(xr, panels, K, N, yr, ldy); break;
+    case 4: gemm_rows<4>(xr, panels, K, N, yr, ldy); break;
+    default: gemm_rows<5>(xr, panels, K, N, yr, ldy); break;
   }
 }
 
@@ -346,8 +340,6 @@ void pack_panels(const Row& row, int64_t n0, int64_t n1, int64_t K, int NR, floa
 
 // y = x @ W.T over all rows, W given row by row. x is packed once (blocks of MR rows);
 // jobs: blocks of W's rows (packed once per job) by runs of whole x blocks.
-constexpr int64_t kGemmRows = 128;  // W's rows per job (a multiple of both panel widths)
-constexpr int64_t kGemmKC = 256;    // values of k per pass over a job's panels
 template <typename Row>
 void gemm(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t N, const Row& row, float* y, int64_t ldy) {
   if (T == 0 || N == 0) return;
@@ -363,12 +355,8 @@ void gemm(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t N, const Ro
         for (int64_t k = 0; k < K; ++k) out[k * rows + i] = x[(t0 + i) * ldx + k];
     }
   });
-  // Jobs over blocks of W's rows, and over runs of x blocks when those are few. A job packs
-  // its rows' panels whole, then goes over k in chunks of kGemmKC: a chunk of a panel (16 or
-  // 32 KB) and of an x block (6 or 12 KB) stay in L1 for a tile, the chunks of all the
-  // job's panels in L2 while every x block passes. Each output's chain continues from its
-  // partial sum in y, so it is still one chain over k in order.
-  const int64_t nb = kGemmRows;
+  // jobs over blocks of W's rows, and over runs of x blocks when those are few
+  const int64_t nb = std::clamp<int64_t>((512 << 10) / (4 * K) / NR * NR, NR, 256);
   const int64_t nblocks = (N + nb - 1) / nb, want = 4 * kernel_threads();
   int64_t xb = nxb;
   if (nblocks < want && nxb >= 2) xb = std::max<int64_t>(1, nxb * nblocks / want);
@@ -382,12 +370,8 @@ void gemm(const float* x, int64_t ldx, int64_t T, int64_t K, int64_t N, const Ro
       tmp.resize((NR + 1) * K);
       pack_panels(row, n0, n1, K, NR, panels.data(), tmp.data());
       const float* xb_ptr = xp.data() + t0 * K;
-      float* yb = y + t0 * ldy + n0;
-      for (int64_t k0 = 0; k0 < K; k0 += kGemmKC) {
-        const int64_t kc = std::min(kGemmKC, K - k0);
-        if (wide) avx512::gemm_packed(xb_ptr, t1 - t0, K, k0, kc, panels.data(), n1 - n0, yb, ldy);
-        else gemm_packed_avx2(xb_ptr, t1 - t0, K, k0, kc, panels.data(), n1 - n0, yb, ldy);
-      }
+      if (wide) avx512::gemm_packed(xb_ptr, t1 - t0, K, panels.data(), n1 - n0, y + t0 * ldy + n0, ldy);
+      else gemm_packed_avx2(xb_ptr, t1 - t0, K, panels.data(), n1 - n0, y + t0 * ldy + n0, ldy);
     }
   });
 }

@@ -39,9 +39,7 @@ constexpr int kGemmNR = 32;
 constexpr int kGemmMR = 12;
 // T rows of x, packed (block b of kGemmMR rows at b * kGemmMR * K, x[t, k] at k * rows + i,
 // rows: the block's row count), against the N (<= panels * NR) columns of the packed
-// panels, values k0..k0+kc of k only, on this thread. With k0 > 0 each output continues
-// from the partial sum y holds (the chunks before), so chunks in order make one chain.
-void gemm_packed(const float* xp, int64_t T, int64_t K, int64_t k0, int64_t kc, const float* panels, int64_t N,
-                 float* y, int64_t ldy);
+// panels, on this thread.
+void gemm_packed(const float* xp, int64_t T, int64_t K, const float* panels, int64_t N, float* y, int64_t ldy);
 }  // namespace avx512
 }  // namespace miaotui
