@@ -35,6 +35,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -122,7 +123,7 @@ def run_llama_cpp(path: str, vocab: int, threads: int) -> dict:
 KV_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
-def engine_for(path: str, threads: int, kv: str, max_len: int, seqs: int):
+def engine_for(path: str, threads: int, kv: str, max_len: int, seqs: int, prefill_int8: bool = False):
     """A miaotui engine for this file with room for `seqs` sequences of max_len tokens."""
     from miaotui.engine.llm_engine import EngineConfig, LLMEngine
     from miaotui.loader import open_checkpoint
@@ -130,7 +131,8 @@ def engine_for(path: str, threads: int, kv: str, max_len: int, seqs: int):
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4   # fp32: the most
     return LLMEngine(EngineConfig(model=path, num_threads=threads, kv_cache_dtype=KV_NAMES[kv],
                                   max_num_seqs=seqs, max_model_len=max_len, enable_prefix_caching=False,
-                                  kv_cache_memory=(32 << 20) + seqs * (max_len + 32) * per_token))
+                                  kv_cache_memory=(32 << 20) + seqs * (max_len + 32) * per_token,
+                                  **({"prefill_int8": True} if prefill_int8 else {})))
 
 
 def miaotui_depths(path: str, vocab: int, threads: int, kv: str, depths: list[int], n_gen: int,
@@ -150,17 +152,29 @@ def miaotui_depths(path: str, vocab: int, threads: int, kv: str, depths: list[in
     return out
 
 
-def miaotui_prefill(path: str, vocab: int, threads: int, n: int, seed: int) -> float:
+def miaotui_prefill(path: str, vocab: int, threads: int, n: int, seed: int, prefill_int8: bool = False) -> float:
     """Prompt tokens/s of one n-token prompt (its time to first token)."""
     import gc
 
     from miaotui.bench.latency import time_request
-    eng = engine_for(path, threads, "fp32", n + 8, 1)
+    eng = engine_for(path, threads, "fp32", n + 8, 1, prefill_int8)
     time_request(eng, prompts(vocab, 64, seed), 2, "warm-up")
     r = time_request(eng, prompts(vocab, n, seed + 1), 1, "prefill")
     del eng
     gc.collect()
     return n / r["ttft"]
+
+
+def baseline_prefill(checkout: str, path: str, vocab: int, threads: int, n: int, seed: int) -> float:
+    """miaotui_prefill for another miaotui checkout (its own code and kernels), in a child
+    process: the before of a before/after comparison, in the same rounds."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import bench_cpu; "
+            "print(bench_cpu.miaotui_prefill(sys.argv[3], *map(int, sys.argv[4:])))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", code, os.path.abspath(checkout), here, path, str(vocab),
+                          str(threads), str(n), str(seed)], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def miaotui_batched(path: str, vocab: int, threads: int, npp: int, ntg: int, npls: list[int],
@@ -226,15 +240,27 @@ def run_depth(args, shape: str, qt: str, path: str, vocab: int, max_len: int) ->
 
 def run_prefill(args, shape: str, qt: str, path: str, vocab: int) -> dict:
     from miaotui.bench import llama_tools
-    ll, mt = [], []
+    int8 = args.prefill_int8 and qt != "F32"   # the option changes quantized weights only
+    ll, mt, mt8, base = [], [], [], []
     for r in range(args.repeats):
         ll.append(llama_tools.run_bench(args.llama_bench, path, args.threads, args.n_prompt, 0, [0], 1)[0]["avg_ts"])
+        if args.baseline:
+            base.append(baseline_prefill(args.baseline, path, vocab, args.threads, args.n_prompt, 10 * r))
         mt.append(miaotui_prefill(path, vocab, args.threads, args.n_prompt, 10 * r))
-        print(f"  {shape} {qt} round {r}: pp{args.n_prompt} llama.cpp {ll[-1]:.1f} miaotui {mt[-1]:.1f} tok/s",
-              flush=True)
+        if int8:
+            mt8.append(miaotui_prefill(path, vocab, args.threads, args.n_prompt, 10 * r, prefill_int8=True))
+        print(f"  {shape} {qt} round {r}: pp{args.n_prompt} llama.cpp {ll[-1]:.1f} miaotui {mt[-1]:.1f} tok/s"
+              + (f", with prefill_int8 {mt8[-1]:.1f}" if int8 else "")
+              + (f", baseline {base[-1]:.1f}" if base else ""), flush=True)
     row = {"shape": shape, "qtype": qt, "n_prompt": args.n_prompt, "llama_cpp_tok_s": statistics.median(ll),
            "miaotui_tok_s": statistics.median(mt), "llama_cpp_rounds": ll, "miaotui_rounds": mt}
     row["ratio"] = row["miaotui_tok_s"] / row["llama_cpp_tok_s"]
+    if int8:
+        row.update(miaotui_int8_tok_s=statistics.median(mt8), miaotui_int8_rounds=mt8,
+                   ratio_int8=statistics.median(mt8) / row["llama_cpp_tok_s"])
+    if base:
+        row.update(baseline=args.baseline, baseline_tok_s=statistics.median(base), baseline_rounds=base,
+                   ratio_baseline=statistics.median(base) / row["llama_cpp_tok_s"])
     return row
 
 
@@ -418,6 +444,11 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=32, help="decode tokens timed at each depth")
     ap.add_argument("--kv", default="fp32,fp16,int8", help="miaotui's KV cache types in the depth sweep")
     ap.add_argument("--n-prompt", type=int, default=512, help="prompt tokens of the prefill suite")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="prefill suite: also time the miaotui checkout at this path in each round "
+                         "(before/after under the same load)")
+    ap.add_argument("--prefill-int8", action="store_true",
+                    help="prefill suite: also time miaotui with prefill_int8 (quantized files)")
     ap.add_argument("--npp", type=int, default=128)
     ap.add_argument("--ntg", type=int, default=128)
     ap.add_argument("--npl", type=ints, default=[1, 4, 8, 16])

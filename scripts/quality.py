@@ -19,6 +19,7 @@ import time
 MODES = {
     "fp32": dict(quantization="none"),
     "gguf-native": dict(quantization=None),
+    "gguf-prefill-int8": dict(quantization=None, prefill_int8=True),   # prompts with int8 activations
     "int8": dict(quantization="int8"),
     "int4-g32": dict(quantization="int4", group_size=32),
     "int4-g64": dict(quantization="int4", group_size=64),
@@ -26,7 +27,7 @@ MODES = {
     "kv-int8": dict(quantization="none", kv_cache_dtype="int8"),
     "int4-gptq-g32": dict(quantization="none"),   # then GPTQ, calibrated on other text
 }
-LIMITS = {"int8": 1.0, "int4-g32": 5.0, "int4-g64": 5.0, "kv-fp16": 0.5, "kv-int8": 0.5, "int4-gptq-g32": 5.0}
+LIMITS = {"gguf-prefill-int8": 2.0, "int8": 1.0, "int4-g32": 5.0, "int4-g64": 5.0, "kv-fp16": 0.5, "kv-int8": 0.5, "int4-gptq-g32": 5.0}
 CALIB_FROM = 6144  # GPTQ calibrates on the text's tokens from here on, apart from the scored ones   # % over fp32
 
 

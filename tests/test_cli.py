@@ -150,3 +150,9 @@ def test_readme_commands_parse_and_the_chat_example_is_complete():
             assert args.prompt, line
     chat = re.search(r"llm\.chat\((.*?)\)\n", text, re.S).group(1)
     assert "max_tokens=" in chat
+
+
+def test_prefill_int8_flag_reaches_the_engine_config():
+    parser = cli.build_parser()
+    assert cli.engine_kwargs(parser.parse_args(["generate", "hi", "--prefill-int8"]))["prefill_int8"] is True
+    assert cli.engine_kwargs(parser.parse_args(["generate", "hi"]))["prefill_int8"] is False

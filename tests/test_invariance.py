@@ -180,3 +180,17 @@ def test_server_concurrent_clients_match_solo_runs(smollm2_path):
             together = list(pool.map(lambda i: ask(i, stream=i % 2 == 0), range(len(messages))))
         assert together == solo
         assert [ask(i, stream=True) for i in range(0, len(messages), 5)] == solo[::5]
+
+
+def test_default_model_int8_prefill_is_batch_invariant(smollm2_path):
+    """prefill_int8: prompt tokens through the int8 GEMM, engine-wide, so a request's tokens
+    still depend on the request alone."""
+    _check_all_ways(smollm2_path, lambda llm: _prompts(llm, LENGTHS[::3]), 24, kv_cache_memory=128 << 20,
+                    prefill_int8=True)
+
+
+def test_tiny_int4_int8_prefill_is_batch_invariant(tmp_path):
+    make_tiny_model("llama", str(tmp_path), intermediate_size=96)
+    assert LLM(str(tmp_path), quantization="int4", kv_cache_memory=32 << 20, prefill_int8=True).engine.runner.prefill_int8
+    _check_all_ways(str(tmp_path), lambda llm: [[(7 * i + j) % 250 for j in range(n)] for i, n in enumerate(LENGTHS)],
+                    24, quantization="int4", kv_cache_memory=32 << 20, prefill_int8=True)

@@ -166,3 +166,16 @@ def test_paged_attention_checks_its_metadata(k):
     with pytest.raises(RuntimeError, match="position"):
         k.paged_attention(q, kc, kc, None, None, torch.tensor([[0]]), torch.tensor([0]), torch.tensor([16]),
                           16, 0, 1.0)
+
+
+def test_rotary_same_bits_as_pytorch(k):
+    """The rotary kernel (prompt and PyTorch decode paths) gives apply_rotary's PyTorch bits,
+    on a strided view of q and k heads as the model passes it."""
+    from miaotui.layers.rotary import RotaryEmbedding
+    rope = RotaryEmbedding(64, 256, 10000.0)
+    qkv = torch.randn(37, 9 + 2 * 3, 64)
+    x = qkv[:, :12]
+    cos, sin = rope.lookup(torch.arange(100, 137))
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    assert torch.equal(k.rotary(x, cos, sin), want)

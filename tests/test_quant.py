@@ -360,3 +360,19 @@ def test_int5_kept_as_stored_same_bits_as_int8(k, qt):
             assert torch.equal(w.matmul(x), as_int8.matmul(x)), m        # prompt: float32
     rows = torch.tensor([[3, 0], [36, 3]])
     assert torch.equal(w.rows(rows), as_int8.dequantize()[rows])
+
+
+@pytest.mark.parametrize("name,w", WEIGHTS, ids=[n for n, _ in WEIGHTS])
+def test_int8_prompt_gemm(k, name, w):
+    """EngineConfig.prefill_int8: prompt tokens through the int8 GEMM (VNNI where present):
+    within the int8-activation bound, and every row's bits independent of the batch."""
+    x = torch.randn(41, w.in_features, generator=torch.Generator().manual_seed(5))
+    with Q.exact_activations(), Q.int8_prompt():
+        y = w.matmul(x)
+        for i, j in [(0, 1), (3, 4), (5, 17), (7, 41), (8, 16), (40, 41)]:
+            assert torch.equal(w.matmul(x[i:j]), y[i:j]), (name, i, j)
+    with Q.exact_activations():
+        assert not torch.equal(w.matmul(x), y), "int8_prompt() took the float32 GEMM"
+    err = (y - x @ w.dequantize().T).abs()
+    bound = _act_bound(x, w.dequantize())
+    assert (err <= bound).all(), f"{name}: worst err/bound {(err / bound).max():.3f}"

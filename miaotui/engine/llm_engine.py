@@ -58,6 +58,9 @@ class EngineConfig:
     # prompts into smaller chunks (None: off, prompts take the whole token budget)
     max_decode_delay: float | None = None
     num_threads: int | None = None
+    # prompt tokens through quantized weights with int8 activations (an int8 GEMM, as
+    # llama.cpp does): faster prefill for a small perplexity cost; off: float32, exact
+    prefill_int8: bool = False
     progress: bool = False
     chat_template: str | None = None     # Jinja file, built-in name or Jinja text; replaces the model's
     # speculative decoding: None, a method ("ngram", "draft", "self-int4") or a dict of
@@ -172,8 +175,13 @@ class LLMEngine:
         self.device = resolve_device(config)
         from miaotui.engine import gpu_runner
         self.gpu_path = gpu_runner.wanted(self.device.type)
+        if self.gpu_path and config.prefill_int8:
+            raise MiaotuiError("prefill_int8 is a CPU option (the C++ int8 prompt GEMM); "
+                               "the GPU path computes prompts in its compute dtype")
         self.tp = None
         if config.tensor_parallel_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if config.prefill_int8:   # the workers' runners would compute prompts in float32
+                raise MiaotuiError("prefill_int8 is not supported with tensor parallelism")
             from miaotui.distributed.worker import TPDriver
             self.tp = TPDriver(config)   # workers started, the group joined, the config sent
         ranks = self.tp.group.size if self.tp else 1
@@ -234,6 +242,7 @@ class LLMEngine:
         else:
             self.runner = ModelRunner(self.model, cfg, num_blocks, config.block_size, self.eos_ids, kv_dtype,
                                       dtype=dtype)
+        self.runner.prefill_int8 = config.prefill_int8
         if self.tp:   # each step goes to the workers first
             self.runner = self.tp.start(self.runner)
         self.requests: dict[str, _Request] = {}

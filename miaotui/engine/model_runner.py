@@ -17,7 +17,7 @@ from miaotui import kernels
 from miaotui.config import ModelConfig
 from miaotui.engine.sequence import Sequence
 from miaotui.layers.attention import AttentionMetadata, KVCache, PrefillChunk
-from miaotui.layers.quant import exact_activations
+from miaotui.layers.quant import exact_activations, int8_prompt
 from miaotui.layers.sampler import Sampler, make_logprobs
 
 
@@ -39,6 +39,7 @@ class ModelRunner:
             self.caches.append(attn.cache)
         self.sampler = Sampler(eos_ids)
         self.verifier = None       # set by the engine when it speculates (engine/speculative.py)
+        self.prefill_int8 = False  # EngineConfig.prefill_int8: prompts with int8 activations
         if kernels.load() is not None:
             kernels.load().set_threads(torch.get_num_threads())
         self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
@@ -134,7 +135,7 @@ class ModelRunner:
             "generated tokens are computed one at a time, or a caught-up one with its guesses"
         out = {}
         if prompt:
-            with exact_activations(True):
+            with exact_activations(True), int8_prompt(self.prefill_int8):
                 out.update(self._forward(prompt, *self.prepare(prompt, decode=False)))
         if decode:
             out.update(self._decode(decode))

@@ -252,73 +252,89 @@ struct PagedAttention {
     }
     std::vector<float> partials(first[n] * part);
     parallel_rows(static_cast<int64_t>(jobs.size()), 1, [&](int64_t j0, int64_t j1) {
+      thread_local std::vector<int64_t> rows;
       for (int64_t j = j0; j < j1; ++j) {
         const Job& jb = jobs[j];
+        // The cache rows of the job's keys jlo..jhi, once for all its tokens (one sequence),
+        // and 8 more repeating the last (lanes past a token's keys read them, unused).
+        int64_t jlo = INT64_MAX, jhi = 0;
+        for (int64_t t = jb.a; t < jb.b; ++t) {
+          const int64_t p = pos[t0 + t];
+          jlo = std::min(jlo, std::max(first_key(p, window), jb.r * kKeyRun));
+          jhi = std::max(jhi, std::min(p + 1, (jb.r + 1) * kKeyRun));
+        }
+        if (jlo >= jhi) continue;
+        const int64_t* tb0 = tables + (seq ? seq[t0 + jb.a] : t0 + jb.a) * nblk;
+        rows.resize(jhi - jlo + 8);
+        for (int64_t i = 0; i < jhi - jlo + 8; ++i) {
+          const int64_t at = jlo + std::min(i, jhi - jlo - 1);
+          rows[i] = (tb0[at / bs] * bs + at % bs) * nkv + jb.kh;
+        }
+        bool first_token = true;  // later tokens find the run's K/V rows in L1: no prefetch
         for (int64_t t = jb.a; t < jb.b; ++t) {
           const int64_t p = pos[t0 + t], lo = std::max(first_key(p, window), jb.r * kKeyRun),
                         hi = std::min(p + 1, (jb.r + 1) * kKeyRun);
           if (lo >= hi) continue;  // not one of this token's runs
           const float* qt = q + (t0 + t) * ldq + jb.kh * g * hd;
-          const int64_t* tb = tables + (seq ? seq[t0 + t] : t0 + t) * nblk;
+          const int64_t* tr = rows.data() + (lo - jlo);
           const int64_t runs = (first[t + 1] - first[t]) / nkv;  // (t, kh, r) at first[t] + kh * runs + r - r0
           float* pp = partials.data() + (first[t] + jb.kh * runs + jb.r - r0[t]) * part;
           if (c.dtype == at::kChar)
-            attend(static_cast<const int8_t*>(c.k), static_cast<const int8_t*>(c.v), c.ks, c.vs, jb.kh, qt, g,
-                   tb, lo, hi - lo, pp);
+            attend(static_cast<const int8_t*>(c.k), static_cast<const int8_t*>(c.v), c.ks, c.vs, qt, g, tr,
+                   hi - lo, first_token, pp);
           else if (c.dtype == at::kHalf)
-            attend(static_cast<const half_t*>(c.k), static_cast<const half_t*>(c.v), nullptr, nullptr, jb.kh,
-                   qt, g, tb, lo, hi - lo, pp);
+            attend(static_cast<const half_t*>(c.k), static_cast<const half_t*>(c.v), nullptr, nullptr, qt, g, tr,
+                   hi - lo, first_token, pp);
           else
-            attend(static_cast<const float*>(c.k), static_cast<const float*>(c.v), nullptr, nullptr, jb.kh, qt,
-                   g, tb, lo, hi - lo, pp);
+            attend(static_cast<const float*>(c.k), static_cast<const float*>(c.v), nullptr, nullptr, qt, g, tr,
+                   hi - lo, first_token, pp);
+          first_token = false;
         }
       }
     });
     // o = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c,  M = max_c m_c, runs in order
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t runs = (first[t + 1] - first[t]) / nkv;
-      for (int64_t kh = 0; kh < nkv; ++kh)
-        for (int64_t h = 0; h < g; ++h) {
-          const int64_t c0 = first[t] + kh * runs, c1 = c0 + runs;
-          float m = -INFINITY, lsum = 0.0f;
-          for (int64_t ci = c0; ci < c1; ++ci) m = std::max(m, partials[ci * part + g * hd + 2 * h]);
-          float* o = out + (t0 + t) * ldo + (kh * g + h) * hd;
-          std::fill(o, o + hd, 0.0f);
-          for (int64_t ci = c0; ci < c1; ++ci) {
-            const float* pc = partials.data() + ci * part;
-            const float f = std::exp(pc[g * hd + 2 * h] - m);
-            lsum += f * pc[g * hd + 2 * h + 1];
-            for (int64_t e = 0; e < hd; ++e) o[e] += f * pc[h * hd + e];
+    // (tokens are independent: shared between the threads)
+    parallel_rows(n, 8, [&](int64_t ta, int64_t tz) {
+      for (int64_t t = ta; t < tz; ++t) {
+        const int64_t runs = (first[t + 1] - first[t]) / nkv;
+        for (int64_t kh = 0; kh < nkv; ++kh)
+          for (int64_t h = 0; h < g; ++h) {
+            const int64_t c0 = first[t] + kh * runs, c1 = c0 + runs;
+            float m = -INFINITY, lsum = 0.0f;
+            for (int64_t ci = c0; ci < c1; ++ci) m = std::max(m, partials[ci * part + g * hd + 2 * h]);
+            float* o = out + (t0 + t) * ldo + (kh * g + h) * hd;
+            std::fill(o, o + hd, 0.0f);
+            for (int64_t ci = c0; ci < c1; ++ci) {
+              const float* pc = partials.data() + ci * part;
+              const float f = std::exp(pc[g * hd + 2 * h] - m);
+              lsum += f * pc[g * hd + 2 * h + 1];
+              for (int64_t e = 0; e < hd; ++e) o[e] += f * pc[h * hd + e];
+            }
+            const float inv = 1.0f / lsum;
+            for (int64_t e = 0; e < hd; ++e) o[e] *= inv;
           }
-          const float inv = 1.0f / lsum;
-          for (int64_t e = 0; e < hd; ++e) o[e] *= inv;
-        }
-    }
+      }
+    });
   }
 
-  // One job: the g query heads q [g, hd] of KV head kh against the n keys at positions
-  // i0.. of block table tb. Writes the unnormalized o [g, hd], then (m, l) per head, to p:
-  // m the largest score, l = sum exp(s - m), o = sum exp(s - m) v. Keys are scored eight
-  // at a time, each K/V row read once for all g heads.
+  // One job: the g query heads q [g, hd] of a KV head against the n keys whose cache rows
+  // (slot * nkv + head) are rows[0..n), readable up to the next multiple of 8. Writes the
+  // unnormalized o [g, hd], then (m, l) per head, to p: m the largest score,
+  // l = sum exp(s - m), o = sum exp(s - m) v. Keys are scored eight at a time, each K/V row
+  // read once for all g heads; prefetch: fetch the rows ahead (not in cache yet).
   template <typename T>
-  void attend(const T* kc, const T* vc, const float* ksc, const float* vsc, int64_t kh, const float* q,
-              int64_t g, const int64_t* tb, int64_t i0, int64_t n, float* p) const {
+  void attend(const T* kc, const T* vc, const float* ksc, const float* vsc, const float* q, int64_t g,
+              const int64_t* rows, int64_t n, bool prefetch, float* p) const {
     const int64_t np = (n + 7) / 8 * 8;
     thread_local std::vector<float> scores;
-    thread_local std::vector<int64_t> rows;
     scores.resize(g * np);
-    rows.resize(np);
-    for (int64_t i = 0; i < np; ++i) {  // past n: repeats the last key
-      const int64_t at = i0 + std::min(i, n - 1);
-      rows[i] = (tb[at / bs] * bs + at % bs) * nkv + kh;
-    }
     for (int64_t i = 0; i < n; i += 8) {
       const T* k[8];
       alignas(32) float f[8];
       for (int r = 0; r < 8; ++r) {
         k[r] = kc + rows[i + r] * hd;
         f[r] = ksc ? ksc[rows[i + r]] * scale : scale;
-        if (i + 8 + r < n) {
+        if (prefetch && i + 8 + r < n) {
           prefetch_row(kc + rows[i + 8 + r] * hd, hd);
           prefetch_row(vc + rows[i + 8 + r] * hd, hd);
         }
@@ -783,6 +799,35 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
+// apply_rotary (layers/rotary.py) in one pass: x [T, H, D] (rows of heads, each head
+// contiguous), cos/sin [T, 1, D/2]; out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin),
+// every product and sum rounded on its own as PyTorch's ops do, so the same bits.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) &&
+              x.size(2) % 16 == 0, "x: float32 [T, H, D], heads contiguous, D % 16 == 0");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == T * half && sin.numel() == T * half, "cos, sin: [T, 1, D/2]");
+  at::Tensor out = at::empty({T, H, D}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  parallel_rows(T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* a = xp + t * ldx + h * D;
+        float* o = op + (t * H + h) * D;
+        for (int64_t i = 0; i < half; i += 8) {
+          const __m256 c = _mm256_loadu_ps(cp + t * half + i), s = _mm256_loadu_ps(sp + t * half + i);
+          const __m256 x1 = _mm256_loadu_ps(a + i), x2 = _mm256_loadu_ps(a + half + i);
+          _mm256_storeu_ps(o + i, _mm256_sub_ps(_mm256_mul_ps(x1, c), _mm256_mul_ps(x2, s)));
+          _mm256_storeu_ps(o + half + i, _mm256_add_ps(_mm256_mul_ps(x2, c), _mm256_mul_ps(x1, s)));
+        }
+      }
+  });
+  return out;
+}
+
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
   const int64_t n = w.numel();
   TORCH_CHECK(w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && w.is_contiguous() &&
@@ -824,6 +869,7 @@ void register_decode(pybind11::module& m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("rms_norm", &rms_norm, "w * (x * rsqrt(mean(x^2) + eps)) per row, as the fused step", no_gil());
+  m.def("rotary", &rotary, "apply_rotary's result (the same bits) in one pass", no_gil());
   m.def("layer_norm", &layer_norm, "LayerNorm per row, as the fused step", no_gil());
   m.def("activation", &activation, "act(x) or act(gate) * up per row, as the fused step", no_gil());
   pybind11::class_<DecodeModel>(m, "DecodeModel")

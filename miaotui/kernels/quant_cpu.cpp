@@ -27,6 +27,7 @@
 // dequant (prefill, large T): float32 rows for BLAS, bit-exact with the Python
 // reference (compiled with -ffp-contract=off: a multiply then an add, never an FMA).
 #include "quant_cpu.h"
+#include "qgemm_vnni.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -38,10 +39,12 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -592,6 +595,99 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
   });
 }
 
+// ---- Prompt tokens with int8 activations (EngineConfig.prefill_int8, off by default) ----
+//
+// As llama.cpp does for prompts: x quantized per block of 32 as for decode, then a GEMM
+// whose block dot products are exact integer ones (AVX-512 VNNI's vpdpbusd, qgemm_vnni.cpp),
+// W packed a panel of 16 rows at a time and read once for every 8 tokens. Each output is a
+// fixed sequence of per-block float steps whatever the batch, so prompt rows stay
+// batch-invariant within an engine that uses it. Without VNNI (or with
+// MIAOTUI_NO_AVX512=1) the decode kernel (qmatmul, AVX2 maddubs) computes the same
+// integer sums, scaled in another order.
+
+namespace {
+
+bool use_vnni() {
+  static const bool yes = [] {
+    const char* off = std::getenv("MIAOTUI_NO_AVX512");
+    return !(off && *off && std::string(off) != "0") && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+}
+
+// Rows n0..n0+nc of W as one vnni::Panel (rows past nc: zeros). Values become unsigned
+// bytes u with w = scale * (u - o) + min: int4 as stored (o = 8 without a min), int8 + 128.
+template <typename S>
+void pack_vnni_panel(const Weights& w, int64_t n0, int nc, uint8_t* u, float* sc, float* c) {
+  constexpr int NR = vnni::kNR;
+  const int64_t nb = w.K / 32;
+  const float o = w.bits == 8 ? 128.0f : (w.min ? 0.0f : 8.0f);
+  alignas(32) uint8_t vals[NR][32];
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int j = 0; j < NR; ++j) {
+      float s = 0.0f, m = 0.0f;
+      if (j < nc) {
+        const int64_t n = n0 + j;
+        const uint8_t* q = w.q + n * w.row_bytes;
+        const __m256i v = w.bits == 4 ? unpack_int4(q + 16 * b)
+                                      : _mm256_xor_si256(load32(q + 32 * b), _mm256_set1_epi8(static_cast<char>(0x80)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(vals[j]), v);
+        const int64_t si = n * w.nwb + (b >> w.shift);
+        s = to_float(static_cast<const S*>(w.scale)[si]);
+        m = w.min ? to_float(static_cast<const S*>(w.min)[si]) : 0.0f;
+      } else {
+        std::memset(vals[j], 0, 32);
+      }
+      sc[b * NR + j] = s;
+      c[b * NR + j] = m - o * s;
+    }
+    for (int g = 0; g < 8; ++g)
+      for (int j = 0; j < NR; ++j) std::memcpy(u + b * 512 + 64 * g + 4 * j, vals[j] + 4 * g, 4);
+  }
+}
+
+}  // namespace
+
+void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy) {
+  if (T == 0 || w.N == 0) return;
+  if (!use_vnni() || w.b16) return qmatmul_into(x, T, w, y, ldy);
+  constexpr int NR = vnni::kNR;
+  const int64_t K = w.K, nb = K / 32, ld = round8(nb);
+  std::vector<int8_t> xq(T * K);
+  std::vector<float> dx(T * ld), bsum(T * ld);
+  quantize_acts(x, T, K, xq.data(), dx.data(), bsum.data(), ld, false);
+  // Jobs: 128 rows of W (8 panels, packed once per job) by runs of tokens whose int8 rows
+  // stay in L2 (~512 KB) while the panels pass; more runs when there are few row blocks.
+  const int64_t rows = 128, nblocks = (w.N + rows - 1) / rows, want = 4 * kernel_threads();
+  int64_t run = std::max<int64_t>(vnni::kMR, (512 << 10) / K / vnni::kMR * vnni::kMR);
+  if (nblocks * ((T + run - 1) / run) < want)
+    run = std::max<int64_t>(vnni::kMR, (T * nblocks / want + vnni::kMR - 1) / vnni::kMR * vnni::kMR);
+  const int64_t runs = (T + run - 1) / run;
+  parallel_rows(nblocks * runs, 1, [&](int64_t j0, int64_t j1) {
+    thread_local std::vector<uint8_t> u;
+    thread_local std::vector<float> sc, c;
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = (j / runs) * rows, n1 = std::min(w.N, n0 + rows);
+      const int64_t t0 = (j % runs) * run, t1 = std::min(T, t0 + run);
+      const int64_t panels = (n1 - n0 + NR - 1) / NR;
+      u.resize(panels * nb * 512);
+      sc.resize(panels * nb * NR);
+      c.resize(panels * nb * NR);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int nc = static_cast<int>(std::min<int64_t>(NR, n1 - n0 - p * NR));
+        uint8_t* pu = u.data() + p * nb * 512;
+        float *ps = sc.data() + p * nb * NR, *pc = c.data() + p * nb * NR;
+        if (w.half) pack_vnni_panel<half_t>(w, n0 + p * NR, nc, pu, ps, pc);
+        else pack_vnni_panel<float>(w, n0 + p * NR, nc, pu, ps, pc);
+        vnni::panel_gemm(xq.data() + t0 * K, dx.data() + t0 * ld, bsum.data() + t0 * ld, ld, t1 - t0, K,
+                         vnni::Panel{pu, ps, pc}, y + t0 * ldy + n0 + p * NR, ldy, nc);
+      }
+    }
+  });
+}
+
 namespace {
 
 // y = x @ W.T for x [T, K] float32.
@@ -602,6 +698,17 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
               x.size(1) == w.K, "x must be contiguous float32 [T, K]");
   at::Tensor y = at::empty({x.size(0), w.N}, x.options());
   qmatmul_into(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), w.N);
+  return y;
+}
+
+// y = x @ W.T for prompt tokens with int8 activations (qgemm_int8_into).
+at::Tensor qgemm_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                      const at::Tensor& min, int64_t block, int64_t bits, double offset) {
+  const Weights w = describe(q, scale, min, block, bits, offset);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+              x.size(1) == w.K, "x must be contiguous float32 [T, K]");
+  at::Tensor y = at::empty({x.size(0), w.N}, x.options());
+  qgemm_int8_into(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), w.N);
   return y;
 }
 
@@ -693,6 +800,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("set_threads", &set_threads, "threads for the kernels (0: torch's setting)");
   m.def("qmatmul", &qmatmul, "x @ W.T with int8-quantized activations", no_gil());
+  m.def("qgemm_int8", &qgemm_int8, "x @ W.T with int8 activations, prompt tokens (VNNI GEMM)", no_gil());
+  m.def("has_vnni", &use_vnni, "whether qgemm_int8 runs the AVX-512 VNNI GEMM");
   m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());
   register_decode(m);

@@ -52,6 +52,9 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 // y[t, n] (rows ldy apart) = x[t] . W[n] with x [T, K] quantized to int8 per block of 32.
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
 
+// The same for prompt tokens (EngineConfig.prefill_int8): an int8 GEMM, VNNI where present.
+void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
+
 // Row n of W dequantized to float32 [K] (bit-exact with QuantWeight.dequantize).
 void dequant_row(const Weights& w, int64_t n, float* out);
 

@@ -43,6 +43,9 @@ token's result does not depend on what else is in the batch):
   bit-exactly, a block of rows at a time, into the packed panels of matmul_cpu.cpp's
   batch-invariant GEMM (``qf32_gemm``; dense float32 weights take ``f32_gemm``), and
   multiplied by the float32 activations.
+* C++ kernels, inside ``exact_activations()`` and ``int8_prompt()`` (prompt tokens with
+  ``EngineConfig.prefill_int8``, off by default): x rounded to int8 as for decode, then an
+  int8 GEMM with exact integer block sums (``qgemm_int8``: AVX-512 VNNI, else the decode kernel).
 * No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): tiles of W dequantized by
   PyTorch, then BLAS (this fallback is not batch-invariant: BLAS picks kernels by shape).
 """
@@ -83,6 +86,25 @@ def exact_activations(on: bool = True):
 def exact_mode() -> bool:
     """Inside exact_activations(): prompt tokens, computed by the packed prefill GEMM."""
     return getattr(_mode, "exact", False)
+
+
+@contextmanager
+def int8_prompt(on: bool = True):
+    """Within exact_activations(), quantized weights take the int8-activation prefill GEMM
+    (``EngineConfig.prefill_int8``, as llama.cpp does for prompts) instead of the float32
+    one: 1.5-2x faster on AVX-512 VNNI, at an activation rounding like decode's. Dense
+    weights keep the float32 GEMM. The engine sets it for every prompt, so a prompt row's
+    result still depends on its own request only."""
+    prev = getattr(_mode, "int8_prompt", False)
+    _mode.int8_prompt = on
+    try:
+        yield
+    finally:
+        _mode.int8_prompt = prev
+
+
+def int8_prompt_mode() -> bool:
+    return getattr(_mode, "int8_prompt", False)
 
 
 def _ceil32(k: int) -> int:
@@ -170,6 +192,8 @@ class QuantWeight:
         k = kernels.load()
         if k is None:
             y = self._matmul_tiles(x, self._dequant_rows)
+        elif exact_mode() and int8_prompt_mode():
+            y = self._matmul_int8(k, x, k.qgemm_int8)
         elif exact_mode():
             y = k.qf32_gemm(x, *self._kernel_args())
         else:
@@ -186,11 +210,11 @@ class QuantWeight:
         m = _EMPTY if self.min is None else self.min
         return self.q, self.scale, m, self.block_size, self.bits, self.offset
 
-    def _matmul_int8(self, k, x: torch.Tensor) -> torch.Tensor:
-        """The C++ decode kernel (int8 activations)."""
+    def _matmul_int8(self, k, x: torch.Tensor, kernel=None) -> torch.Tensor:
+        """A C++ int8-activation kernel: the decode one (qmatmul), or the prompt GEMM."""
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
-        return k.qmatmul(x, *self._kernel_args())
+        return (kernel or k.qmatmul)(x, *self._kernel_args())
 
     def _matmul_tiles(self, x: torch.Tensor, dequant_rows) -> torch.Tensor:
         """x @ W.T with W dequantized to float32 a tile of rows at a time."""

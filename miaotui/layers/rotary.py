@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from miaotui import kernels
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -42,6 +44,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim] (q and k heads stacked); returns the rotated copy."""
+    """x: [T, heads, head_dim] (q and k heads stacked); returns the rotated copy. The C++
+    kernel gives the same bits in one pass (PyTorch's six ops cost ~5% of a prefill)."""
+    k = kernels.load()
+    if (k is not None and x.dtype == torch.float32 and x.device.type == "cpu" and cos.dtype == torch.float32
+            and x.shape[-1] % 16 == 0 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+            and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == x.shape[0] * x.shape[-1] // 2):
+        return k.rotary(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
