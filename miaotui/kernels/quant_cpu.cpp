@@ -618,12 +618,13 @@ bool use_vnni() {
 }
 
 // Rows n0..n0+nc of W as one vnni::Panel (rows past nc: zeros). Values become unsigned
-// bytes u with w = scale * (u - o) + min: int4 as stored (o = 8 without a min), int8 + 128.
+// bytes u with w = scale * (u - o) + min: int4 as stored (o = 8 without a min), int8 + 128
+// (int5: its int8 values, the offset already taken by unpack_int5, + 128).
 template <typename S>
 void pack_vnni_panel(const Weights& w, int64_t n0, int nc, uint8_t* u, float* sc, float* c) {
   constexpr int NR = vnni::kNR;
   const int64_t nb = w.K / 32;
-  const float o = w.bits == 8 ? 128.0f : (w.min ? 0.0f : 8.0f);
+  const float o = w.bits == 4 ? (w.min ? 0.0f : 8.0f) : 128.0f;
   alignas(32) uint8_t vals[NR][32];
   for (int64_t b = 0; b < nb; ++b) {
     for (int j = 0; j < NR; ++j) {
@@ -632,7 +633,8 @@ void pack_vnni_panel(const Weights& w, int64_t n0, int nc, uint8_t* u, float* sc
         const int64_t n = n0 + j;
         const uint8_t* q = w.q + n * w.row_bytes;
         const __m256i v = w.bits == 4 ? unpack_int4(q + 16 * b)
-                                      : _mm256_xor_si256(load32(q + 32 * b), _mm256_set1_epi8(static_cast<char>(0x80)));
+                          : _mm256_xor_si256(w.bits == 5 ? unpack_int5(q, w.K / 2, b, w.q5_sub16) : load32(q + 32 * b),
+                                             _mm256_set1_epi8(static_cast<char>(0x80)));
         _mm256_store_si256(reinterpret_cast<__m256i*>(vals[j]), v);
         const int64_t si = n * w.nwb + (b >> w.shift);
         s = to_float(static_cast<const S*>(w.scale)[si]);
