@@ -103,6 +103,19 @@ def test_machine_roofline_and_workload():
     assert roofline.describe(r, 9.1) == "decode 9.1 tok/s, 50% of the bandwidth limit, 10.0 GB/s effective"
 
 
+def test_workload_parts_bound_adds_attention_to_the_matmuls():
+    """Sequential parts can only take longer than the overlapped step; with a compute-bound
+    matmul part and a memory-bound attention part, strictly longer, by their sum."""
+    m = roofline.Machine(bandwidth=10e9, flops={"float32": 100e9}, threads=2)
+    cost = roofline.CostModel.from_config(small_cfg())
+    step, attn = cost.decode(64, 5000), cost.decode_attention(64, 5000)
+    assert 0 < attn.flops < step.flops and 0 < attn.bytes < step.bytes
+    rest = roofline.Cost(step.flops - attn.flops, step.bytes - attn.bytes)
+    pred = roofline.predict_workload(cost, m, [(4999, 2)] * 64)
+    assert pred["decode_parts_time"] == pytest.approx(m.time(attn) + m.time(rest))
+    assert pred["decode_parts_time"] >= pred["decode_time"] == pytest.approx(m.time(step))
+
+
 def test_sizes_measured_on_a_loaded_model(tiny_llama_dir):
     from miaotui.engine.llm_engine import EngineConfig, LLMEngine
     path, _ = tiny_llama_dir

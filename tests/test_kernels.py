@@ -67,6 +67,19 @@ def test_quantized_matmuls(k, w):
     _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), xp)  # decode: int8 activations
 
 
+@pytest.mark.parametrize("w", [Q.quantize_int4(torch.randn(70, 576), 32, False),   # a min, g32
+                               Q.quantize_int4(torch.randn(40, 128), 64, True),    # symmetric (offset 8)
+                               Q.quantize_int4(torch.randn(9, 96), 32, True)],     # an odd last block
+                         ids=["int4g32", "int4g64sym", "int4odd"])
+def test_int4_decode_matmul_same_bits_without_vnni(k, w, monkeypatch):
+    """AVX-VNNI's dot products (where the CPU has them) give the integer sums of
+    maddubs + madd, so the same bits; MIAOTUI_NO_VNNI=1 switches them off."""
+    x = torch.randn(13, w.padded_in)
+    with_vnni = k.qmatmul(x, *w._kernel_args())
+    monkeypatch.setenv("MIAOTUI_NO_VNNI", "1")
+    assert torch.equal(k.qmatmul(x, *w._kernel_args()), with_vnni)
+
+
 @pytest.mark.parametrize("K,N,T", [(576, 1536, 40), (37, 50, 30), (64, 7, 13), (200, 33, 25), (2048, 70, 3)])
 def test_prefill_gemm(k, K, N, T):
     """The packed GEMM (prompt tokens): right, and every row's bits independent of the batch."""

@@ -214,6 +214,13 @@ class CostModel:
                             + self.act_bytes_per_token() + 2 * c.vocab_size * ACT_BYTES))
         return Cost(flops, moved)
 
+    def decode_attention(self, batch: int, ctx: float) -> Cost:
+        """The attention part of decode(): its FLOPs and the K/V it reads and writes."""
+        c = self.cfg
+        ctx_eff = self._keys(ctx - 1, ctx) / c.num_layers
+        return Cost(batch * 4.0 * c.num_heads * c.head_dim * ctx_eff * c.num_layers,
+                    batch * self.kv_per_token * (ctx_eff + 1))
+
     # ---- memory --------------------------------------------------------------------------
     def activation_memory(self, tokens: int, rows: int) -> float:
         """Peak transient activations of one step of `tokens` tokens (one layer's
@@ -253,9 +260,14 @@ def _sum_capped(first: int, last: int, cap: int | None) -> float:
 def predict_workload(cost: CostModel, machine: Machine, requests: list[tuple[int, int]],
                      max_num_seqs: int = 64) -> dict:
     """Roofline time of an offline batch of (prompt_len, output_len) requests, simulated the
-    way the engine schedules it: admit up to max_num_seqs (prefill), decode all active."""
+    way the engine schedules it: admit up to max_num_seqs (prefill), decode all active.
+
+    A decode step's time is the larger of its compute and memory times, as if its matmuls
+    (compute-bound with many sequences) overlapped its attention (memory-bound: the K/V
+    read) perfectly. An engine that runs them one after the other can at best reach
+    ``decode_parts_time``: the matmuls' bound plus attention's bound, step by step."""
     queue, active = list(requests), []
-    t_prefill = t_decode = 0.0
+    t_prefill = t_decode = t_parts = 0.0
     total = Cost()
     while queue or active:
         while queue and len(active) < max_num_seqs:
@@ -267,15 +279,18 @@ def predict_workload(cost: CostModel, machine: Machine, requests: list[tuple[int
                 active.append([p + 1, out - 1])   # [keys at the next step, tokens still to come]
         if not active:
             continue
-        c = cost.decode(len(active), sum(a[0] for a in active) / len(active))
+        ctx = sum(a[0] for a in active) / len(active)
+        c = cost.decode(len(active), ctx)
         t_decode += machine.time(c)
+        attn = cost.decode_attention(len(active), ctx)
+        t_parts += machine.time(attn) + machine.time(Cost(c.flops - attn.flops, c.bytes - attn.bytes))
         total += c
         for a in active:
             a[0] += 1
             a[1] -= 1
         active = [a for a in active if a[1] > 0]
     return {"time": t_prefill + t_decode, "prefill_time": t_prefill, "decode_time": t_decode,
-            "flops": total.flops, "bytes": total.bytes}
+            "decode_parts_time": t_parts, "flops": total.flops, "bytes": total.bytes}
 
 
 # ---- calibration ------------------------------------------------------------------------

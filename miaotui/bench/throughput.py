@@ -84,7 +84,9 @@ def bench_engine(engine, requests, machine: roofline.Machine | None = None) -> t
         pred = predict(machine)
         total = roofline.Cost(pred["flops"], pred["bytes"])
         roof["workload"] = roofline.fraction_report("workload", pred["time"], run["elapsed_s"], total, machine)
-        roof["workload"].update(prefill_s=pred["prefill_time"], decode_s=pred["decode_time"])
+        roof["workload"].update(prefill_s=pred["prefill_time"], decode_s=pred["decode_time"],
+                                decode_parts_s=pred["decode_parts_time"],  # matmuls, then attention
+                                fraction_parts=(pred["prefill_time"] + pred["decode_parts_time"]) / run["elapsed_s"])
         roof["output_tok_s"] = res["useful_output_tokens"] / pred["time"]
         roof["weights"] = cost.weights_name
     return res, roof
@@ -135,4 +137,6 @@ def print_runs(runs: dict, roof: dict) -> None:
         w = roof["workload"]
         print(f"roofline: {roof['output_tok_s']:.1f} out tok/s predicted ({w['prefill_s']:.2f} s prefill + "
               f"{w['decode_s']:.2f} s decode); achieved {w['fraction']:.0%}, "
-              f"{w['effective_GBps']:.1f} GB/s and {w['effective_GFLOPs']:.1f} GFLOP/s effective")
+              f"{w['effective_GBps']:.1f} GB/s and {w['effective_GFLOPs']:.1f} GFLOP/s effective; "
+              f"{w['fraction_parts']:.0%} of the cap with attention after the matmuls "
+              f"({w['decode_parts_s']:.2f} s decode)")

@@ -82,6 +82,23 @@ struct Quant {
   Quant at(int64_t n) const { return {w, n0 + n}; }
 };
 
+// The sixteen sums of a[0..16) as one vector, lane 4 * (m % 4) + m / 4 holding a[m]'s:
+// each sum pairs lanes i and i + 8, then i and i + 4, i and i + 2, i and i + 1, as the
+// one-at-a-time sum in tile() does (the same additions, so the same bits), but four
+// accumulators share each shuffle and add.
+inline __m512 hsum16(const __m512 (&a)[16]) {
+  __m512 p[8], q[4];
+  for (int m = 0; m < 8; ++m)  // [a 0-7 + 8-15, b 0-7 + 8-15]
+    p[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], 0xEE));
+  for (int n = 0; n < 4; ++n)  // 128-bit lane L: accumulator 4n + L, lanes 0-3 + 4-7
+    q[n] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * n], p[2 * n + 1], 0x88),
+                         _mm512_shuffle_f32x4(p[2 * n], p[2 * n + 1], 0xDD));
+  const __m512 r0 = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], 0x44), _mm512_shuffle_ps(q[0], q[1], 0xEE));
+  const __m512 r1 = _mm512_add_ps(_mm512_shuffle_ps(q[2], q[3], 0x44), _mm512_shuffle_ps(q[2], q[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(r0, r1, 0x88), _mm512_shuffle_ps(r0, r1, 0xDD));
+}
+
 template <int TM, int TN, typename W>
 inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, int64_t ldy) {
   __m512 acc[TM][TN];
@@ -103,6 +120,16 @@ inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, i
       for (int i = 0; i < TM; ++i)
         acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i * ldx + full), wv, acc[i][j]);
     }
+  }
+  if constexpr (TN == 4) {  // four rows at a time, sixteen sums in one go (the same pairs)
+    for (int i0 = 0; i0 < TM; i0 += 4) {
+      __m512 a[16];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) a[4 * j + i] = i0 + i < TM ? acc[i0 + i][j] : _mm512_setzero_ps();
+      const __m512 r = hsum16(a);
+      for (int i = 0; i < 4 && i0 + i < TM; ++i) _mm_storeu_ps(y + (i0 + i) * ldy, _mm512_extractf32x4_ps(r, i));
+    }
+    return;
   }
   for (int i = 0; i < TM; ++i)
     for (int j = 0; j < TN; ++j) {  // a fixed sum: halves, then quarters, ... of the lanes
@@ -131,14 +158,17 @@ inline void tiles_tn(const float* x, int64_t ldx, const W& w, int64_t K, int64_t
   }
 }
 
-// Rows of x, 48 at a time (they stay in L2), by tiles of four rows of x and four of W (a
-// lone row of x: eight of W).
+// Rows of x, 48 at a time (they stay in L2), by tiles of six rows of x and four of W (six
+// x vectors from L1 and four W vectors from L2 per 24 FMAs: W's rows, read from L2 for
+// every tile, are what limits the speed), the rest by four or fewer (a lone row of x:
+// eight of W).
 template <typename W>
 void rows(const float* x, int64_t ldx, int64_t T, int64_t K, const W& w, int64_t N, float* y, int64_t ldy) {
   for (int64_t t0 = 0; t0 < T; t0 += 48) {
     const int64_t t1 = lesser(T, t0 + 48);
     int64_t t = t0;
-    for (; t + 4 <= t1; t += 4) tiles_tn<4, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    for (; t + 6 <= t1; t += 6) tiles_tn<6, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
+    if (t1 - t >= 4) tiles_tn<4, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy), t += 4;
     if (t1 - t == 3) tiles_tn<3, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
     if (t1 - t == 2) tiles_tn<2, 4>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);
     if (t1 - t == 1) tiles_tn<1, 8>(x + t * ldx, ldx, w, K, N, y + t * ldy, ldy);

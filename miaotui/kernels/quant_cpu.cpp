@@ -32,6 +32,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -42,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -99,6 +101,25 @@ inline __m256i dot_s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
                            _mm256_set1_epi16(1));
 }
+// acc + the dot products of four u8 x s8 byte pairs per int32 lane, in one AVX-VNNI
+// instruction (what maddubs + madd give when no int16 sum saturates: the same integers).
+// Inline assembly, so the file needs no -mavxvnni; run only where has_vnni() says so.
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
+
+// AVX-VNNI (CPUID leaf 7, subleaf 1, EAX bit 4), unless MIAOTUI_NO_VNNI is set (read on
+// every call, so a test can compare both paths in one process).
+bool has_vnni() {
+  static const bool cpu = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+  }();
+  const char* off = std::getenv("MIAOTUI_NO_VNNI");
+  return cpu && !(off && *off && off[0] != '0');
+}
+
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -352,8 +373,9 @@ __attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, 
 // by eight (weight scale * dx) products and accumulated with one FMA; with scale blocks of
 // 32 the min/offset term rides along (one more FMA). Called with m = 8 for whole groups
 // and once with a smaller m for the rest of a row, whose missing lanes are zeros. kQ5:
-// int5 weights, unpacked to the int8 values and then computed as int8 ones.
-template <bool kInt4, bool kQ5, bool kB16, typename S, int TM>
+// int5 weights, unpacked to the int8 values and then computed as int8 ones. kVnni: int4
+// sums by AVX-VNNI (the same integers).
+template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni>
 __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a, const uint8_t* wq,
                                                  const S* ws, const S* wm, int64_t b, int m,
                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -380,11 +402,15 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
     for (int t = 0; t < TM; ++t) {
       const int8_t* xq = a.q + (t0 + t) * K + 32 * b;
       __m256i r[4];
-      for (int i = 0; i < 4; ++i)
-        r[i] = i >= pairs ? zero
-                          : _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], load32(xq + 64 * i)),
-                                                               _mm256_maddubs_epi16(hi[i], load32(xq + 64 * i + 32))),
-                                              ones);
+      for (int i = 0; i < 4; ++i) {
+        if (i >= pairs) r[i] = zero;
+        else if constexpr (kVnni)
+          r[i] = dpbusd(dpbusd(zero, lo[i], load32(xq + 64 * i)), hi[i], load32(xq + 64 * i + 32));
+        else
+          r[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], load32(xq + 64 * i)),
+                                                    _mm256_maddubs_epi16(hi[i], load32(xq + 64 * i + 32))),
+                                   ones);
+      }
       const __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
       const __m256 dx = _mm256_permutevar8x32_ps(load8(a.d + (t0 + t) * a.ld + b), even_odd);
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc, dx), acc[t]);
@@ -456,7 +482,7 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
 constexpr int64_t kPrefetchBytes = 4096;
 
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
-template <bool kInt4, bool kQ5, bool kB16, typename S, int TM>
+template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
@@ -472,16 +498,16 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
       const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 || kQ5 ? 16 : 32) * b + kPrefetchBytes;
       for (int l = 0; l < (kInt4 || kQ5 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
       if (kQ5) _mm_prefetch(reinterpret_cast<const char*>(wq) + K / 2 + 4 * b + kPrefetchBytes, _MM_HINT_T0);
-      group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
+      group<kInt4, kQ5, kB16, S, TM, kVnni>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
     }
     if constexpr (!kInt4) {
       if (rest && rest <= 4) {
         group4_int8<kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       } else if (rest) {
-        group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group<kInt4, kQ5, kB16, S, TM, kVnni>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       }
     } else if (rest) {
-      group<kInt4, kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+      group<kInt4, kQ5, kB16, S, TM, kVnni>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
     }
     float r[TM];
     for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
@@ -502,7 +528,7 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
   }
 }
 
-template <bool kInt4, bool kQ5, bool kB16, typename S>
+template <bool kInt4, bool kQ5, bool kB16, typename S, bool kVnni = false>
 void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
               int64_t n1) {
   // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
@@ -511,10 +537,10 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
       switch (std::min<int64_t>(4, T - t0)) {
-        case 1: dot_rows<kInt4, kQ5, kB16, S, 1>(w, a, y, ldy, c0, c1, t0); break;
-        case 2: dot_rows<kInt4, kQ5, kB16, S, 2>(w, a, y, ldy, c0, c1, t0); break;
-        case 3: dot_rows<kInt4, kQ5, kB16, S, 3>(w, a, y, ldy, c0, c1, t0); break;
-        default: dot_rows<kInt4, kQ5, kB16, S, 4>(w, a, y, ldy, c0, c1, t0); break;
+        case 1: dot_rows<kInt4, kQ5, kB16, S, 1, kVnni>(w, a, y, ldy, c0, c1, t0); break;
+        case 2: dot_rows<kInt4, kQ5, kB16, S, 2, kVnni>(w, a, y, ldy, c0, c1, t0); break;
+        case 3: dot_rows<kInt4, kQ5, kB16, S, 3, kVnni>(w, a, y, ldy, c0, c1, t0); break;
+        default: dot_rows<kInt4, kQ5, kB16, S, 4, kVnni>(w, a, y, ldy, c0, c1, t0); break;
       }
     }
   }
@@ -578,8 +604,12 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
       for (int64_t j = 0; j < nb; ++j) s[t * lds + j / per] += f * bsum[t * ld + j];
     a.s = s.data();
   }
+  const bool vnni = has_vnni();
   parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
-    if (w.bits == 4) {
+    if (w.bits == 4 && vnni) {  // int4: the same integer sums by AVX-VNNI
+      if (w.half) run_rows<true, false, false, half_t, true>(w, a, y, ldy, T, n0, n1);
+      else run_rows<true, false, false, float, true>(w, a, y, ldy, T, n0, n1);
+    } else if (w.bits == 4) {
       if (w.half) run_rows<true, false, false, half_t>(w, a, y, ldy, T, n0, n1);
       else run_rows<true, false, false, float>(w, a, y, ldy, T, n0, n1);
     } else if (w.bits == 5) {  // Q5_0 / Q5_1: float16 scales (and mins), blocks of 32
