@@ -304,6 +304,7 @@ def plot_depth(rows: list[dict], png: str) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(1.2, color="gray", lw=0.8, ls="--")
         ax.set_xscale("symlog", linthresh=128)
+        ax.set_xlim(left=0)
         ax.set_xlabel("context depth (tokens)")
         ax.set_ylabel("decode tok/s, miaotui / llama-bench (f16 KV)")
         ax.set_title(f"{shape} shape, batch-1 decode, 2 threads")
