@@ -42,6 +42,9 @@ def test_16bit_weights_match_their_float32_values(k, dtype, K, N):
     x, w = torch.randn(40, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
     y = _invariant(lambda a: k.f32_matmul(a, w), x)
     assert torch.equal(y, k.f32_matmul(x, w.float()))
+    # the packed GEMM (prompt tokens) widens each row as it packs it: no float32 copy
+    y = _invariant(lambda a: k.f32_gemm(a, w), x)
+    assert torch.equal(y, k.f32_gemm(x, w.float()))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

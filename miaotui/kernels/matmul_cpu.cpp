@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -417,6 +418,33 @@ void f32_gemm_into(const float* x, int64_t ldx, int64_t T, int64_t K, const floa
   gemm(x, ldx, T, K, N, [&](int64_t n, float*) { return w + n * ldw; }, y, ldy);
 }
 
+namespace {
+
+// f32_gemm_into for float16 / bfloat16 rows, each widened exactly into the packing buffer
+// as it is packed (the same values, so the same bits as for the float32 weight; no float32
+// copy of the whole matrix).
+template <bool kBF16>
+void h16_gemm_into(const float* x, int64_t ldx, int64_t T, int64_t K, const half_t* w, int64_t ldw, int64_t N,
+                   float* y, int64_t ldy) {
+  gemm(x, ldx, T, K, N, [&](int64_t n, float* buf) {
+    const Wide16<kBF16> row{w + n * ldw, ldw};
+    const int64_t k8 = K / 8 * 8;
+    for (int64_t k = 0; k < k8; k += 8) _mm256_storeu_ps(buf + k, row.load(0, k));
+    for (int64_t k = k8; k < K; ++k) {
+      const uint16_t h = row.w[k];
+      if constexpr (kBF16) {
+        const uint32_t bits = static_cast<uint32_t>(h) << 16;
+        std::memcpy(buf + k, &bits, 4);
+      } else {
+        buf[k] = _cvtsh_ss(h);
+      }
+    }
+    return static_cast<const float*>(buf);
+  }, y, ldy);
+}
+
+}  // namespace
+
 void qf32_gemm_into(const float* x, int64_t ldx, int64_t T, int64_t K, const Weights& w, float* y, int64_t ldy) {
   TORCH_CHECK(K <= w.K, "x is wider than the weight");
   // a row dequantized to w.K values, of which the first K meet x (the rest is padding)
@@ -471,11 +499,20 @@ at::Tensor qf32_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 // The same as f32_matmul / qf32_matmul through the packed GEMM (prompt tokens).
 at::Tensor f32_gemm(const at::Tensor& x, const at::Tensor& w) {
   check_x(x);
-  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1),
-              "w must be float32 [N, K] with contiguous rows");
+  const auto dt = w.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && w.dim() == 2 && w.stride(1) == 1 &&
+              w.size(1) == x.size(1), "w must be float32, float16 or bfloat16 [N, K] with contiguous rows");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-  f32_gemm_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(), w.stride(0),
-                w.size(0), y.data_ptr<float>(), w.size(0));
+  const auto h = static_cast<const half_t*>(w.data_ptr());
+  if (dt == at::kFloat)
+    f32_gemm_into(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(), w.stride(0),
+                  w.size(0), y.data_ptr<float>(), w.size(0));
+  else if (dt == at::kHalf)
+    h16_gemm_into<false>(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), h, w.stride(0), w.size(0),
+                         y.data_ptr<float>(), w.size(0));
+  else
+    h16_gemm_into<true>(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), h, w.stride(0), w.size(0),
+                        y.data_ptr<float>(), w.size(0));
   return y;
 }
 
@@ -494,7 +531,8 @@ void register_matmul(pybind11::module& m) {
   using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("f32_matmul", &f32_matmul, "x @ W.T, float32 (W float32, float16 or bfloat16), batch-invariant", no_gil());
   m.def("qf32_matmul", &qf32_matmul, "x @ dequantize(W).T, float32 activations, batch-invariant", no_gil());
-  m.def("f32_gemm", &f32_gemm, "x @ W.T, float32, batch-invariant, W packed (prefill)", no_gil());
+  m.def("f32_gemm", &f32_gemm, "x @ W.T (W float32, float16 or bfloat16), batch-invariant, W packed (prefill)",
+        no_gil());
   m.def("qf32_gemm", &qf32_gemm, "x @ dequantize(W).T, float32 activations, batch-invariant, packed (prefill)",
         no_gil());
 }

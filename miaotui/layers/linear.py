@@ -146,15 +146,10 @@ class Linear(nn.Module):
         if (k is not None and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.weight.dtype in (torch.float32, *HALF)):
             # batch-invariant: a row's result never depends on the other rows (BLAS's may);
-            # 16-bit weights are widened in the kernel's tiles, with float32 arithmetic;
-            # prompt tokens of float32 weights: the packed GEMM
-            w = self.weight
-            if quant.exact_mode():   # prompt tokens: the packed GEMM, which reads float32 rows
-                # (16-bit weights widened for the call: same values, the same bits as float32)
-                mm, w = k.f32_gemm, (w if w.dtype == torch.float32 else w.float())
-            else:
-                mm = k.f32_matmul
-            y = mm(x.reshape(-1, self.in_features).contiguous(), w)
+            # 16-bit weights are widened in the kernel (tiles, or the GEMM's packed panels),
+            # with float32 arithmetic; prompt tokens take the packed GEMM
+            mm = k.f32_gemm if quant.exact_mode() else k.f32_matmul
+            y = mm(x.reshape(-1, self.in_features).contiguous(), self.weight)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y.add_(self.bias)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
