@@ -56,6 +56,11 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
 
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding layers' window, or None when no layer slides."""
+        return self.sliding_window if self.layer_types and "sliding_attention" in self.layer_types else None
+
     def num_params(self) -> int:
         """Parameter count of the weights (embeddings counted once when tied)."""
         h, i, L = self.hidden_size, self.intermediate_size, self.num_layers

@@ -409,27 +409,25 @@ def nano_vllm_workload(n: int = 256, lo: int = 100, hi: int = 1024, max_id: int 
 
 def run_requests(engine, prompts: list[list[int]], params: list, rec: Recorder,
                  every: float = 5.0) -> tuple[int, float]:
-    """All requests added at once and stepped to completion, as LLM.generate does; (tokens
-    generated, wall seconds). Every `every` seconds the progress so far goes into the JSON
-    ("progress"), so a run stopped by its time limit still leaves a lower bound."""
-    t0 = last = time.perf_counter()
-    gen0 = engine.stats["generated_tokens"]
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"tp-{i}", p, sp)
-    done = finished = 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done += len(out.outputs[0].token_ids)
-                finished += 1
-        now = time.perf_counter()
-        if now - last > every:
-            last = now
+    """All requests added at once and stepped to completion (bench/throughput.py's
+    run_engine); (tokens generated, wall seconds). Every `every` seconds the progress so far
+    goes into the JSON ("progress"), so a run stopped by its time limit still leaves a lower
+    bound."""
+    from types import SimpleNamespace
+
+    from miaotui.bench.throughput import run_engine
+    gen0, last = engine.stats["generated_tokens"], [0.0]
+
+    def progress(seconds: float, finished: int) -> None:
+        if seconds - last[0] > every:
+            last[0] = seconds
             gen = engine.stats["generated_tokens"] - gen0
-            rec.doc["progress"] = {"seconds": now - t0, "finished_requests": finished,
-                                   "generated_tokens": gen, "output_tok_s_so_far": gen / (now - t0)}
+            rec.doc["progress"] = {"seconds": seconds, "finished_requests": finished,
+                                   "generated_tokens": gen, "output_tok_s_so_far": gen / seconds}
             rec.save()
-    return done, time.perf_counter() - t0
+    reqs = [SimpleNamespace(prompt_ids=p) for p in prompts]
+    run = run_engine(engine, reqs, "tp", params, progress)
+    return run["output_tokens"], run["elapsed_s"]
 
 
 def suite_throughput(device: str, out_dir: str, smoke: bool, shape: str = "qwen3-0.6b",

@@ -37,18 +37,23 @@ class RssSampler:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def run_engine(engine, requests, tag: str = "tp") -> dict:
-    """All requests added at once (greedy, EOS ignored), stepped to completion."""
+def run_engine(engine, requests, tag: str = "tp", params: list | None = None, on_step=None) -> dict:
+    """All requests added at once (greedy, EOS ignored, unless `params` gives each request's
+    SamplingParams), stepped to completion; on_step(seconds, finished requests) after each
+    step."""
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
-        engine.add_request(f"{tag}-{i}", r.prompt_ids,
-                           SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
-    n_out = steps = 0
+        p = params[i] if params else SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"{tag}-{i}", r.prompt_ids, p)
+    n_out = steps = finished = 0
     while engine.has_unfinished():
         for out in engine.step():
             if out.finished:
                 n_out += len(out.outputs[0].token_ids)
+                finished += 1
         steps += 1
+        if on_step is not None:
+            on_step(time.perf_counter() - t0, finished)
     return {"elapsed_s": time.perf_counter() - t0, "output_tokens": n_out, "steps": steps}
 
 

@@ -74,7 +74,7 @@ class GPURunner(ModelRunner):
         self.block_size, self.num_blocks, self.kv_dtype = block_size, num_blocks, kv_dtype
         self.device, self.dtype = torch.device(device), dtype
         self.kernel_attention, self.decoder, self.verifier = False, None, None
-        self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
+        self.window = cfg.attention_window
         self.max_blocks = -(-max_model_len // block_size)   # a block table's width in a graph
         self.caches = []
         for attn in model.attention_layers():   # zeroed: masked-out keys are finite

@@ -42,7 +42,7 @@ class ModelRunner:
         self.prefill_int8 = False  # EngineConfig.prefill_int8: prompts with int8 activations
         if kernels.load() is not None:
             kernels.load().set_threads(torch.get_num_threads())
-        self.window = cfg.sliding_window if cfg.layer_types and "sliding_attention" in cfg.layer_types else None
+        self.window = cfg.attention_window
         from miaotui.engine.cpu_decoder import CPUDecoder
         self.decoder = CPUDecoder.build(model, self.caches, block_size) if device == "cpu" else None
 
