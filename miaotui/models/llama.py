@@ -94,9 +94,10 @@ class LlamaAttention(nn.Module):
 
 # Prompt rows go through the MLP this many at a time on CPU: its gate/up output and
 # activation (3 x intermediate_size floats a row) are a step's largest intermediates, and
-# slicing them halves a 512-token chunk's workspace there (-17 MB on TinyLlama-1.1B) at no
-# measured cost in CPU time (256 rows still fill the packed GEMM's tiles; 128 cost 5%). Rows
-# are independent, so every row's result is the same whatever the slicing.
+# slicing them halves a 512-token chunk's workspace there (-34 MiB of process peak on
+# TinyLlama-1.1B Q8_0) for +3% CPU time in that prompt (128 rows: +7%; measured by
+# scripts/memory_stages.py). Rows are independent, so every row's result is the same
+# whatever the slicing.
 MLP_ROWS = 256
 
 
