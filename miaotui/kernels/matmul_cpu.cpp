@@ -260,10 +260,14 @@ void split(int64_t T, int64_t N, int64_t nb, const F& f) {
 // (nc stored), AVX2.
 template <int MR>
 inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int64_t ldy, int nc) {
+  // Every loop over i fully unrolled: otherwise GCC keeps a0/a1 in memory as well and
+  // stores all 2 * MR accumulators every k (measured: 2.3x slower on a Zen 3 core).
   __m256 a0[MR], a1[MR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(p + 16 * k), w1 = _mm256_loadu_ps(p + 16 * k + 8);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const __m256 b = _mm256_broadcast_ss(xp + k * MR + i);
       a0[i] = _mm256_fmadd_ps(b, w0, a0[i]);
@@ -271,6 +275,7 @@ inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int6
     }
   }
   const __m256i m0 = tail_mask(std::min(nc, 8)), m1 = tail_mask(std::max(0, nc - 8));
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if (nc >= 8) _mm256_storeu_ps(y + i * ldy, a0[i]);
     else _mm256_maskstore_ps(y + i * ldy, m0, a0[i]);
