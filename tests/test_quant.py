@@ -376,3 +376,27 @@ def test_int8_prompt_gemm(k, name, w):
     err = (y - x @ w.dequantize().T).abs()
     bound = _act_bound(x, w.dequantize())
     assert (err <= bound).all(), f"{name}: worst err/bound {(err / bound).max():.3f}"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8 with -128", "int4", "int4 min"])
+def test_int8_prompt_gemm_integer_sums_exact(k, fmt):
+    """The int8 prompt GEMM's block sums are exact integers on every CPU (VNNI, or AVX2
+    maddubs with int16 pair sums): weights and activations chosen so that every scale is 1
+    and the float steps are exact, the result must equal the integer matmul."""
+    g = torch.Generator().manual_seed(7)
+    n, kin, t = 37, 512, 11            # 16 blocks; 37 rows: two whole panels and a part
+    x = torch.randint(-127, 128, (t, kin), generator=g).float()
+    x[:, ::32] = 127.0                 # amax 127 in every block: dx = 1, x quantized as is
+    ones = torch.ones(n, kin // 32, dtype=torch.float16)
+    if fmt.startswith("int8"):
+        lo = -128 if "-128" in fmt else -127
+        q = torch.randint(lo, 128, (n, kin), dtype=torch.int8, generator=g)
+        w = Q.Int8Weight(q, ones, None, 32, kin)
+    else:
+        q = torch.randint(0, 256, (n, kin // 2), dtype=torch.uint8, generator=g)
+        w = Q.Int4Weight(q, ones, torch.zeros_like(ones) if "min" in fmt else None, 32, kin)
+    wi = w.dequantize().round().long()
+    assert torch.equal(wi.float(), w.dequantize())
+    with Q.exact_activations(), Q.int8_prompt():
+        y = w.matmul(x)
+    assert torch.equal(y, (x.long() @ wi.T).float()), fmt

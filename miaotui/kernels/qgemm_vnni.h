@@ -27,5 +27,12 @@ struct Panel {
 void panel_gemm(const int8_t* xq, const float* dx, const float* bsum, int64_t ld, int64_t T, int64_t K,
                 const Panel& p, float* y, int64_t ldy, int nc);
 
+// The same for AVX2 CPUs without VNNI (qgemm_avx2.cpp), the same bits: tiles of 8 rows by
+// kAvx2MR tokens; isum[t * ld + b] = sum(xq) of the block (int8 weights need it, see there);
+// int4: the panel holds nibbles (pack: int4 as stored), else int8 + 128.
+constexpr int kAvx2MR = 4;
+void panel_gemm_avx2(const int8_t* xq, const float* dx, const float* bsum, const int32_t* isum, int64_t ld,
+                     int64_t T, int64_t K, const Panel& p, bool int4, float* y, int64_t ldy, int nc);
+
 }  // namespace vnni
 }  // namespace miaotui

@@ -632,8 +632,9 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
 // W packed a panel of 16 rows at a time and read once for every 8 tokens. Each output is a
 // fixed sequence of per-block float steps whatever the batch, so prompt rows stay
 // batch-invariant within an engine that uses it. Without VNNI (or with
-// MIAOTUI_NO_AVX512=1) the decode kernel (qmatmul, AVX2 maddubs) computes the same
-// integer sums, scaled in another order.
+// MIAOTUI_NO_AVX512=1) an AVX2 GEMM over the same panels (qgemm_avx2.cpp, vpmaddubsw)
+// computes the same integer sums and the same bits; int8 blocks of 16 take the decode
+// kernel (qmatmul).
 
 namespace {
 
@@ -684,12 +685,23 @@ void pack_vnni_panel(const Weights& w, int64_t n0, int nc, uint8_t* u, float* sc
 
 void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy) {
   if (T == 0 || w.N == 0) return;
-  if (!use_vnni() || w.b16) return qmatmul_into(x, T, w, y, ldy);
+  if (w.b16) return qmatmul_into(x, T, w, y, ldy);
   constexpr int NR = vnni::kNR;
+  const bool avx512 = use_vnni(), int4 = w.bits == 4;
   const int64_t K = w.K, nb = K / 32, ld = round8(nb);
   std::vector<int8_t> xq(T * K);
   std::vector<float> dx(T * ld), bsum(T * ld);
   quantize_acts(x, T, K, xq.data(), dx.data(), bsum.data(), ld, false);
+  std::vector<int32_t> isum;  // AVX2, int8 weights: each block's integer sum of xq
+  if (!avx512 && !int4) {
+    isum.assign(T * ld, 0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t s = 0;
+        for (int i = 0; i < 32; ++i) s += xq[t * K + 32 * b + i];
+        isum[t * ld + b] = s;
+      }
+  }
   // Jobs: 128 rows of W (8 panels, packed once per job) by runs of tokens whose int8 rows
   // stay in L2 (~512 KB) while the panels pass; more runs when there are few row blocks.
   const int64_t rows = 128, nblocks = (w.N + rows - 1) / rows, want = 4 * kernel_threads();
@@ -713,8 +725,15 @@ void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int6
         float *ps = sc.data() + p * nb * NR, *pc = c.data() + p * nb * NR;
         if (w.half) pack_vnni_panel<half_t>(w, n0 + p * NR, nc, pu, ps, pc);
         else pack_vnni_panel<float>(w, n0 + p * NR, nc, pu, ps, pc);
-        vnni::panel_gemm(xq.data() + t0 * K, dx.data() + t0 * ld, bsum.data() + t0 * ld, ld, t1 - t0, K,
-                         vnni::Panel{pu, ps, pc}, y + t0 * ldy + n0 + p * NR, ldy, nc);
+        const vnni::Panel panel{pu, ps, pc};
+        float* yp = y + t0 * ldy + n0 + p * NR;
+        if (avx512)
+          vnni::panel_gemm(xq.data() + t0 * K, dx.data() + t0 * ld, bsum.data() + t0 * ld, ld, t1 - t0, K, panel,
+                           yp, ldy, nc);
+        else
+          vnni::panel_gemm_avx2(xq.data() + t0 * K, dx.data() + t0 * ld, bsum.data() + t0 * ld,
+                                isum.empty() ? nullptr : isum.data() + t0 * ld, ld, t1 - t0, K, panel, int4, yp,
+                                ldy, nc);
       }
     }
   });

@@ -45,7 +45,7 @@ token's result does not depend on what else is in the batch):
   multiplied by the float32 activations.
 * C++ kernels, inside ``exact_activations()`` and ``int8_prompt()`` (prompt tokens with
   ``EngineConfig.prefill_int8``, off by default): x rounded to int8 as for decode, then an
-  int8 GEMM with exact integer block sums (``qgemm_int8``: AVX-512 VNNI, else the decode kernel).
+  int8 GEMM with exact integer block sums (``qgemm_int8``: AVX-512 VNNI, else AVX2 maddubs).
 * No kernels (``MIAOTUI_NO_KERNELS=1``, no AVX2, no compiler): tiles of W dequantized by
   PyTorch, then BLAS (this fallback is not batch-invariant: BLAS picks kernels by shape).
 """
