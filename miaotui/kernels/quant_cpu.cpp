@@ -250,13 +250,14 @@ struct Acts {
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
 // Quantize x [T, K] per block of 32: xq = round(x / dx), dx = max|x| / 127.
-// bsum gets dx * sum(xq) of each block; dx and bsum rows are ld apart.
+// bsum gets dx * sum(xq) of each block, isum (if given) sum(xq) itself; dx, bsum and isum
+// rows are ld apart.
 // paired (for int4 weights): the two blocks of each pair
 // (b, b + 1) are stored interleaved by halves, [b 0..15, b+1 0..15, b 16..31, b+1 16..31],
 // the order in which one 32-byte load of int4 weights unpacks (low nibbles, high nibbles).
 // An odd last block keeps the plain order.
 void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* bsum,
-                   int64_t ld, bool paired) {
+                   int64_t ld, bool paired, int32_t* isum = nullptr) {
   const int64_t nb = K / 32, paired_blocks = nb / 2 * 2;
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -291,8 +292,10 @@ void quantize_acts(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, 
       } else {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + 32 * i), bytes);
       }
+      const int32_t si = hsum_i32(s);
       dx[i / nb * ld + j] = d;
-      bsum[i / nb * ld + j] = d * static_cast<float>(hsum_i32(s));
+      bsum[i / nb * ld + j] = d * static_cast<float>(si);
+      if (isum) isum[i / nb * ld + j] = si;
     }
   });
 }
@@ -691,17 +694,8 @@ void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int6
   const int64_t K = w.K, nb = K / 32, ld = round8(nb);
   std::vector<int8_t> xq(T * K);
   std::vector<float> dx(T * ld), bsum(T * ld);
-  quantize_acts(x, T, K, xq.data(), dx.data(), bsum.data(), ld, false);
-  std::vector<int32_t> isum;  // AVX2, int8 weights: each block's integer sum of xq
-  if (!avx512 && !int4) {
-    isum.assign(T * ld, 0);
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t b = 0; b < nb; ++b) {
-        int32_t s = 0;
-        for (int i = 0; i < 32; ++i) s += xq[t * K + 32 * b + i];
-        isum[t * ld + b] = s;
-      }
-  }
+  std::vector<int32_t> isum(!avx512 && !int4 ? T * ld : 0);  // AVX2, int8 weights: sum(xq) a block
+  quantize_acts(x, T, K, xq.data(), dx.data(), bsum.data(), ld, false, isum.empty() ? nullptr : isum.data());
   // Jobs: 128 rows of W (8 panels, packed once per job) by runs of tokens whose int8 rows
   // stay in L2 (~512 KB) while the panels pass; more runs when there are few row blocks.
   const int64_t rows = 128, nblocks = (w.N + rows - 1) / rows, want = 4 * kernel_threads();
