@@ -485,11 +485,14 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
 constexpr int64_t kPrefetchBytes = 4096;
 
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
-template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni>
+// kInlineMin: the min/offset term rides in the groups (one scale per block; see run_rows).
+// A compile-time flag: tested at run time inside the token loop it left the four
+// accumulators of a 4-token tile on the stack, each group's FMA waiting on a store.
+template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni, bool kInlineMin>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
-  const bool inline_min = a.s && !kB16 && w.shift == 0;  // one scale (and min) per block
+  constexpr bool inline_min = kInlineMin;
   const int64_t full = nb / 8 * 8, rest = kInt4 ? (nb - full) / 2 * 2 : nb - full;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wq = w.q + n * w.row_bytes;
@@ -531,6 +534,17 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
   }
 }
 
+template <bool kInt4, bool kQ5, bool kB16, typename S, bool kVnni, bool kInlineMin>
+void tile_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t c0, int64_t c1,
+               int64_t t0) {
+  switch (std::min<int64_t>(4, T - t0)) {
+    case 1: dot_rows<kInt4, kQ5, kB16, S, 1, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 2: dot_rows<kInt4, kQ5, kB16, S, 2, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 3: dot_rows<kInt4, kQ5, kB16, S, 3, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    default: dot_rows<kInt4, kQ5, kB16, S, 4, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+  }
+}
+
 template <bool kInt4, bool kQ5, bool kB16, typename S, bool kVnni = false>
 void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
               int64_t n1) {
@@ -539,12 +553,8 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
-      switch (std::min<int64_t>(4, T - t0)) {
-        case 1: dot_rows<kInt4, kQ5, kB16, S, 1, kVnni>(w, a, y, ldy, c0, c1, t0); break;
-        case 2: dot_rows<kInt4, kQ5, kB16, S, 2, kVnni>(w, a, y, ldy, c0, c1, t0); break;
-        case 3: dot_rows<kInt4, kQ5, kB16, S, 3, kVnni>(w, a, y, ldy, c0, c1, t0); break;
-        default: dot_rows<kInt4, kQ5, kB16, S, 4, kVnni>(w, a, y, ldy, c0, c1, t0); break;
-      }
+      if (a.s && !kB16 && w.shift == 0) tile_rows<kInt4, kQ5, kB16, S, kVnni, true>(w, a, y, ldy, T, c0, c1, t0);
+      else tile_rows<kInt4, kQ5, kB16, S, kVnni, false>(w, a, y, ldy, T, c0, c1, t0);
     }
   }
 }
