@@ -15,7 +15,9 @@ With llama.cpp's own tools (what users compare engines with), given by path:
            throughput on the same work: npl requests of 128 prompt tokens each, all
            submitted at once, then the same 128 decode steps (max_tokens 129: the first
            token comes from the prompt's logits, as in llama-batched-bench); total tok/s
-           = npl * (128 + 128) / seconds
+           = npl * (128 + 128) / seconds. miaotui's KV cache: --batched-kv, default fp16,
+           the type llama-batched-bench keeps by default (equal bits; fp32 reads twice the
+           KV bytes, which at 16 sequences outweigh Q4_0's weights)
 
 The test files are random weights of real shapes: F32 written by miaotui's shape writer,
 Q8_0 and Q4_0 made from it by `llama-quantize --pure` (every tensor that type) when
@@ -178,13 +180,13 @@ def baseline_prefill(checkout: str, path: str, vocab: int, threads: int, n: int,
 
 
 def miaotui_batched(path: str, vocab: int, threads: int, npp: int, ntg: int, npls: list[int],
-                    seed: int) -> list[dict]:
+                    seed: int, kv: str = "fp16") -> list[dict]:
     """llama-batched-bench's work through miaotui's engine: for each npl, npl requests of npp
     prompt tokens submitted together, each decoding ntg steps (max_tokens ntg + 1)."""
     import gc
 
     from miaotui.sampling_params import SamplingParams
-    eng = engine_for(path, threads, "fp32", npp + ntg + 2, max(npls))
+    eng = engine_for(path, threads, kv, npp + ntg + 2, max(npls))
     rows = []
     for npl in [1] + npls:  # the first: a warm-up, not kept
         p = SamplingParams(max_tokens=ntg + 1, temperature=0.0, ignore_eos=True)
@@ -272,13 +274,13 @@ def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
         ll.append({x["pl"]: x for x in llama_tools.run_batched(args.llama_batched_bench, path, args.threads,
                                                                args.npp, args.ntg, [1] + args.npl)[1:]})
         mt.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg, args.npl,
-                                                       10 * r)})
+                                                       10 * r, args.batched_kv)})
         print(f"  {shape} {qt} round {r}: total tok/s by npl: llama.cpp " +
               " ".join(f"{n}:{ll[-1][n]['speed']:.1f}" for n in args.npl) + " | miaotui " +
               " ".join(f"{n}:{mt[-1][n]['speed']:.1f}" for n in args.npl), flush=True)
     rows = []
     for n in args.npl:
-        row = {"shape": shape, "qtype": qt, "npp": args.npp, "ntg": args.ntg, "npl": n,
+        row = {"shape": shape, "qtype": qt, "npp": args.npp, "ntg": args.ntg, "npl": n, "kv": args.batched_kv,
                "llama_cpp_tok_s": median_of(ll, lambda x: x[n]["speed"]),
                "miaotui_tok_s": median_of(mt, lambda x: x[n]["speed"]),
                "llama_cpp_rounds": [x[n] for x in ll], "miaotui_rounds": [x[n] for x in mt]}
@@ -453,6 +455,8 @@ def main() -> None:
     ap.add_argument("--npp", type=int, default=128)
     ap.add_argument("--ntg", type=int, default=128)
     ap.add_argument("--npl", type=ints, default=[1, 4, 8, 16])
+    ap.add_argument("--batched-kv", default="fp16", choices=sorted(KV_NAMES),
+                    help="miaotui's KV cache in the batched suite (llama-batched-bench keeps f16)")
     ap.add_argument("--plot", help="PNG of the depth sweep")
     ap.add_argument("--busy", type=int, default=0, help="competing busy-loop processes during the run")
     ap.add_argument("--out", default=None, help="JSON (default results/llama_tools.json, or "

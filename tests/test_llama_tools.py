@@ -78,3 +78,29 @@ def test_real_tools_on_a_tiny_gguf(tmp_path):
     assert [r["n_depth"] for r in rows] == [0, 16] and all(r["avg_ts"] > 0 for r in rows)
     rows = llama_tools.run_batched(os.path.join(LLAMA_BIN, "llama-batched-bench"), q8, 1, 8, 4, [1, 2], timeout=300)
     assert [r["pl"] for r in rows] == [1, 2] and all(r["speed"] > 0 for r in rows)
+
+
+def test_bench_cpu_batched_side_runs_with_the_kv_type_asked(tmp_path, monkeypatch):
+    """scripts/bench_cpu.py's miaotui side of the batched suite: npl requests run to the
+    end, timed, on an engine whose KV cache is the type asked for (fp16 by default, the
+    type llama-batched-bench keeps)."""
+    import sys
+
+    from gguf_writer_util import write_gguf_from_hf
+    from util import VOCAB, make_tiny_model
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import bench_cpu
+    f32 = write_gguf_from_hf(make_tiny_model("llama", str(tmp_path / "hf")), str(tmp_path / "m-F32.gguf"), "F32")
+    kinds = []
+    real = bench_cpu.engine_for
+
+    def spy(path, threads, kv, *a, **kw):
+        eng = real(path, threads, kv, *a, **kw)
+        kinds.append(eng.config.kv_cache_dtype)
+        return eng
+    monkeypatch.setattr(bench_cpu, "engine_for", spy)
+    rows = bench_cpu.miaotui_batched(f32, VOCAB, 1, 8, 4, [2, 3], seed=0)
+    assert [r["pl"] for r in rows] == [2, 3]
+    assert all(0 < r["t_pp"] <= r["t"] and r["speed"] == r["pl"] * 12 / r["t"] for r in rows)
+    bench_cpu.miaotui_batched(f32, VOCAB, 1, 8, 4, [2], seed=0, kv="fp32")
+    assert kinds == ["float16", "float32"]
