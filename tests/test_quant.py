@@ -118,6 +118,15 @@ def test_kernel_dequant_bit_exact(k, name, w):
     ref = w._dequant_rows(0, w.out_features)
     assert torch.equal(k.dequant(*w._kernel_args(), 0, w.out_features), ref)
     assert torch.equal(k.dequant(*w._kernel_args(), 3, 11), ref[3:11])
+    # an embedding lookup: rows by id, repeats and any order, the same bits as the
+    # PyTorch ops it replaces (and as dequantize()[ids])
+    ids = torch.tensor([[5, 0], [w.out_features - 1, 5]])
+    pick = lambda t: None if t is None else t.index_select(0, ids.reshape(-1))  # noqa: E731
+    torch_rows = w._values(pick(w.q), pick(w.scale), pick(w.min))
+    assert torch.equal(k.dequant_ids(*w._kernel_args(), ids.reshape(-1)), torch_rows)
+    assert torch.equal(w.rows(ids), w.dequantize()[ids])
+    with pytest.raises(RuntimeError, match="out of range"):
+        k.dequant_ids(*w._kernel_args(), torch.tensor([w.out_features]))
 
 
 def test_kernel_vs_fallback_batched(k):

@@ -167,8 +167,12 @@ class QuantWeight:
         """Rows ``ids`` (any shape) as float32 [*ids.shape, in_features]: bit-identical to
         ``dequantize()[ids]``, touching only those rows (an embedding lookup)."""
         flat = ids.reshape(-1)
-        pick = lambda t: None if t is None else t.index_select(0, flat)  # noqa: E731
-        w = self._values(pick(self.q), pick(self.scale), pick(self.min))
+        k = None if on_gpu(self.q) else kernels.load()
+        if k is not None:   # the same bits as the PyTorch ops below, one call
+            w = k.dequant_ids(*self._kernel_args(), flat.long().contiguous())
+        else:
+            pick = lambda t: None if t is None else t.index_select(0, flat)  # noqa: E731
+            w = self._values(pick(self.q), pick(self.scale), pick(self.min))
         if self.padded_in != self.in_features:
             w = w[:, :self.in_features]
         return w.reshape(*ids.shape, self.in_features)
