@@ -84,11 +84,9 @@ def test_bench_cpu_batched_side_runs_with_the_kv_type_asked(tmp_path, monkeypatc
     """scripts/bench_cpu.py's miaotui side of the batched suite: npl requests run to the
     end, timed, on an engine whose KV cache is the type asked for (fp16 by default, the
     type llama-batched-bench keeps)."""
-    import sys
-
     from gguf_writer_util import write_gguf_from_hf
     from util import VOCAB, make_tiny_model
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "scripts"))
     import bench_cpu
     f32 = write_gguf_from_hf(make_tiny_model("llama", str(tmp_path / "hf")), str(tmp_path / "m-F32.gguf"), "F32")
     kinds = []
