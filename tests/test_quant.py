@@ -81,6 +81,9 @@ def _weights():
         for sym in (True, False):
             out.append((f"int4 g{gs} {'sym' if sym else 'asym'}",
                         Q.quantize_int4(torch.randn(29, 384, generator=g), gs, sym)))
+    # rows whose last blocks do not fill a group of eight: 18 (2 left) and 14 (6 left) blocks
+    for kin in (576, 448):
+        out.append((f"int4 in {kin}", Q.quantize_int4(torch.randn(23, kin, generator=g), 32, kin == 576)))
     for qt in GGUF_TYPES:
         out.append((qt.name, Q.from_gguf(_ggml_random(qt, 19, 512, rng), qt, (19, 512))))
     # a scale per 16 (as Q6_K) with a block count that is not a multiple of 8
