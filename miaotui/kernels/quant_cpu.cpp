@@ -245,7 +245,21 @@ struct Acts {
   const float* s;   // [T, lds] sum over a scale block of dx * sum(xq), times -offset when
                     //          the weight has no min; nullptr if unused
   int64_t ld, lds;
+  // int4 weights: d and (scale blocks of 32) s again, each run of eight blocks in the order
+  // the kernel's sums come out (0, 2, 4, 6, 1, 3, 5, 7; see group): permuted once per row
+  // of x here rather than twice per row of W and group in the kernel.
+  const float* dp = nullptr;
+  const float* sp = nullptr;
 };
+
+// v [T, ld] (ld a multiple of 8) with each run of eight in the order 0, 2, 4, 6, 1, 3, 5, 7.
+std::vector<float> even_odd_runs(const std::vector<float>& v) {
+  static constexpr int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); i += 8)
+    for (int j = 0; j < 8; ++j) out[i + j] = v[i + kOrder[j]];
+  return out;
+}
 
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -384,7 +398,7 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
                                                  const S* ws, const S* wm, int64_t b, int m,
                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
   if constexpr (kM != 0) m = kM;
-  const int64_t K = w.K, nb = K / 32;
+  const int64_t K = w.K;
   const __m256i zero = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
   const __m256i even_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   if constexpr (kInt4) {
@@ -417,11 +431,9 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
                                    ones);
       }
       const __m256i sum = _mm256_hadd_epi32(_mm256_hadd_epi32(r[0], r[1]), _mm256_hadd_epi32(r[2], r[3]));
-      const __m256 dx = _mm256_permutevar8x32_ps(load8(a.d + (t0 + t) * a.ld + b), even_odd);
+      const __m256 dx = load8(a.dp + (t0 + t) * a.ld + b);  // already in the sums' order
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sc, dx), acc[t]);
-      if (inline_min)
-        acc[t] = _mm256_fmadd_ps(c8, _mm256_permutevar8x32_ps(load8(a.s + (t0 + t) * a.lds + b), even_odd),
-                                 acc[t]);
+      if (inline_min) acc[t] = _mm256_fmadd_ps(c8, load8(a.sp + (t0 + t) * a.lds + b), acc[t]);
     }
   } else {
     __m256i wv[8];
@@ -622,6 +634,15 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
     for (int64_t t = 0; t < T; ++t)
       for (int64_t j = 0; j < nb; ++j) s[t * lds + j / per] += f * bsum[t * ld + j];
     a.s = s.data();
+  }
+  std::vector<float> dp, sp;
+  if (w.bits == 4) {
+    dp = even_odd_runs(dx);
+    a.dp = dp.data();
+    if (a.s && w.shift == 0) {
+      sp = even_odd_runs(s);
+      a.sp = sp.data();
+    }
   }
   const bool vnni = has_vnni();
   parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
