@@ -828,17 +828,27 @@ void dequant_row(const Weights& w, int64_t n, float* out) {
 
 namespace {
 
+namespace {
+
+// Rows row(0..n) of a quantized weight as float32 [n, K], dequant_row's bits.
+template <typename F>
+at::Tensor dequant_rows(const Weights& w, int64_t n, const at::Tensor& scale, int64_t grain, const F& row) {
+  TORCH_CHECK(w.bits != 4 || w.offset == 8.0f || w.min, "int4 needs a min or offset 8");
+  at::Tensor out = at::empty({n, w.K}, scale.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  parallel_rows(n, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequant_row(w, row(r), o + r * w.K);
+  });
+  return out;
+}
+
+}  // namespace
+
 at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                    int64_t block, int64_t bits, double offset, int64_t n0, int64_t n1) {
   const Weights w = describe(q, scale, min, block, bits, offset);
   TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.N, "row range");
-  TORCH_CHECK(bits != 4 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
-  at::Tensor out = at::empty({n1 - n0, w.K}, scale.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  parallel_rows(n1 - n0, 4, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequant_row(w, n0 + r, o + r * w.K);
-  });
-  return out;
+  return dequant_rows(w, n1 - n0, scale, 4, [&](int64_t r) { return n0 + r; });
 }
 
 // Rows ids[i] of a quantized weight as float32 [len(ids), K]: an embedding lookup, the
@@ -847,17 +857,10 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tenso
 at::Tensor dequant_ids(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                        int64_t block, int64_t bits, double offset, const at::Tensor& ids) {
   const Weights w = describe(q, scale, min, block, bits, offset);
-  TORCH_CHECK(bits != 4 || offset == 8.0 || w.min, "int4 needs a min or offset 8");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "ids: int64 [n]");
-  const int64_t n = ids.size(0);
   const int64_t* id = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(0 <= id[i] && id[i] < w.N, "row ", id[i], " out of range");
-  at::Tensor out = at::empty({n, w.K}, scale.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
-  parallel_rows(n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequant_row(w, id[r], o + r * w.K);
-  });
-  return out;
+  for (int64_t i = 0; i < ids.size(0); ++i) TORCH_CHECK(0 <= id[i] && id[i] < w.N, "row ", id[i], " out of range");
+  return dequant_rows(w, ids.size(0), scale, 16, [&](int64_t r) { return id[r]; });
 }
 
 // A benchmark candidate: int8 weights times float32 activations (no activation
