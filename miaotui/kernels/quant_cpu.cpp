@@ -828,8 +828,6 @@ void dequant_row(const Weights& w, int64_t n, float* out) {
 
 namespace {
 
-namespace {
-
 // Rows row(0..n) of a quantized weight as float32 [n, K], dequant_row's bits.
 template <typename F>
 at::Tensor dequant_rows(const Weights& w, int64_t n, const at::Tensor& scale, int64_t grain, const F& row) {
@@ -841,8 +839,6 @@ at::Tensor dequant_rows(const Weights& w, int64_t n, const at::Tensor& scale, in
   });
   return out;
 }
-
-}  // namespace
 
 at::Tensor dequant(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& min,
                    int64_t block, int64_t bits, double offset, int64_t n0, int64_t n1) {
