@@ -356,9 +356,7 @@ struct PagedAttention {
       for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
       if (i < n)
         mv = _mm256_max_ps(mv, _mm256_blendv_ps(mv, _mm256_loadu_ps(s + i),
-                                                _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                                    _mm256_set1_epi32(static_cast<int>(n - i)),
-                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)))));
+                                                _mm256_castsi256_ps(lanes_below(n - i))));
       alignas(32) float lanes[8];
       _mm256_store_ps(lanes, mv);
       const float m = *std::max_element(lanes, lanes + 8);

@@ -40,12 +40,6 @@ namespace {
 inline float to_f32(float v) { return v; }
 inline float to_f32(half_t v) { return _cvtsh_ss(v); }
 
-// Lanes below `count` (1..7) set: the mask of a row's last, partial eight.
-inline __m256i tail_mask(int64_t count) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // W's rows as the tiles read them, eight values at a time: float32 rows read in place, or
 // a quantized weight's rows dequantized on the fly. at(n): the same from row n on.
 struct Dense {
@@ -150,7 +144,7 @@ inline void tile(const float* x, int64_t ldx, const W& w, int64_t K, float* y, i
     }
   }
   if (full < K) {  // both operands zero past K
-    const __m256i m = tail_mask(K - full);
+    const __m256i m = lanes_below(K - full);
     for (int j = 0; j < TN; ++j) {
       const __m256 wv = w.load_tail(j, full, m);
       for (int i = 0; i < TM; ++i)
@@ -295,7 +289,7 @@ inline void gemm_tile(const float* xp, const float* p, int64_t K, float* y, int6
       a1[i] = _mm256_fmadd_ps(b, w1, a1[i]);
     }
   }
-  const __m256i m0 = tail_mask(std::min(nc, 8)), m1 = tail_mask(std::max(0, nc - 8));
+  const __m256i m0 = lanes_below(std::min(nc, 8)), m1 = lanes_below(std::max(0, nc - 8));
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     if (nc >= 8) _mm256_storeu_ps(y + i * ldy, a0[i]);

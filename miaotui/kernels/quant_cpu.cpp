@@ -355,9 +355,6 @@ inline __m256 scales8(const S* s, int64_t b, int shift) {
 // Eight values from p as floats, zeros past `count` (a short last group). Masked loads
 // read nothing past p[count - 1]; going through memory instead would stall on
 // store-to-load forwarding once per row.
-inline __m256i lanes_below(int count) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 template <typename S>
 __attribute__((always_inline)) inline __m256 load_part(const S* p, int count) {
   if (count >= 8) return load8(p);

@@ -30,6 +30,12 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Lanes 0..count-1 set (count <= 8): the mask of a partial last eight, for masked loads,
+// stores and blends.
+inline __m256i lanes_below(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 // A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
 struct Weights {
   const uint8_t* q;
