@@ -17,7 +17,9 @@ With llama.cpp's own tools (what users compare engines with), given by path:
            token comes from the prompt's logits, as in llama-batched-bench); total tok/s
            = npl * (128 + 128) / seconds. miaotui's KV cache: --batched-kv, default fp16,
            the type llama-batched-bench keeps by default (equal bits; fp32 reads twice the
-           KV bytes, which at 16 sequences outweigh Q4_0's weights)
+           KV bytes, which at 16 sequences outweigh Q4_0's weights). With --prefill-int8,
+           also miaotui with its opt-in int8-activation prompt path (llama.cpp's prompt
+           path rounds activations to 8 bits for these files too)
 
 The test files are random weights of real shapes: F32 written by miaotui's shape writer,
 Q8_0 and Q4_0 made from it by `llama-quantize --pure` (every tensor that type) when
@@ -180,13 +182,13 @@ def baseline_prefill(checkout: str, path: str, vocab: int, threads: int, n: int,
 
 
 def miaotui_batched(path: str, vocab: int, threads: int, npp: int, ntg: int, npls: list[int],
-                    seed: int, kv: str = "fp16") -> list[dict]:
+                    seed: int, kv: str = "fp16", prefill_int8: bool = False) -> list[dict]:
     """llama-batched-bench's work through miaotui's engine: for each npl, npl requests of npp
     prompt tokens submitted together, each decoding ntg steps (max_tokens ntg + 1)."""
     import gc
 
     from miaotui.sampling_params import SamplingParams
-    eng = engine_for(path, threads, kv, npp + ntg + 2, max(npls))
+    eng = engine_for(path, threads, kv, npp + ntg + 2, max(npls), prefill_int8)
     rows = []
     for npl in [1] + npls:  # the first: a warm-up, not kept
         p = SamplingParams(max_tokens=ntg + 1, temperature=0.0, ignore_eos=True)
@@ -268,16 +270,22 @@ def run_prefill(args, shape: str, qt: str, path: str, vocab: int) -> dict:
 
 def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
     from miaotui.bench import llama_tools
-    ll, mt = [], []
+    int8 = args.prefill_int8 and qt != "F32"   # the option changes quantized weights only
+    ll, mt, mt8 = [], [], []
     for r in range(args.repeats):
         # a one-sequence case first as a warm-up (llama-batched-bench has none), not kept
         ll.append({x["pl"]: x for x in llama_tools.run_batched(args.llama_batched_bench, path, args.threads,
                                                                args.npp, args.ntg, [1] + args.npl)[1:]})
         mt.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg, args.npl,
                                                        10 * r, args.batched_kv)})
+        if int8:
+            mt8.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg,
+                                                            args.npl, 10 * r, args.batched_kv, prefill_int8=True)})
         print(f"  {shape} {qt} round {r}: total tok/s by npl: llama.cpp " +
               " ".join(f"{n}:{ll[-1][n]['speed']:.1f}" for n in args.npl) + " | miaotui " +
-              " ".join(f"{n}:{mt[-1][n]['speed']:.1f}" for n in args.npl), flush=True)
+              " ".join(f"{n}:{mt[-1][n]['speed']:.1f}" for n in args.npl) +
+              (" | with prefill_int8 " + " ".join(f"{n}:{mt8[-1][n]['speed']:.1f}" for n in args.npl)
+               if int8 else ""), flush=True)
     rows = []
     for n in args.npl:
         row = {"shape": shape, "qtype": qt, "npp": args.npp, "ntg": args.ntg, "npl": n, "kv": args.batched_kv,
@@ -285,6 +293,10 @@ def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
                "miaotui_tok_s": median_of(mt, lambda x: x[n]["speed"]),
                "llama_cpp_rounds": [x[n] for x in ll], "miaotui_rounds": [x[n] for x in mt]}
         row["ratio"] = row["miaotui_tok_s"] / row["llama_cpp_tok_s"]
+        if int8:
+            row.update(miaotui_int8_tok_s=median_of(mt8, lambda x: x[n]["speed"]),
+                       miaotui_int8_rounds=[x[n] for x in mt8])
+            row["ratio_int8"] = row["miaotui_int8_tok_s"] / row["llama_cpp_tok_s"]
         rows.append(row)
     return rows
 
@@ -296,13 +308,15 @@ def plot_depth(rows: list[dict], png: str) -> None:
     import matplotlib.pyplot as plt
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    colors: dict[str, str] = {}  # one color per weight type across the panels
     for ax, shape in zip(axes[0], shapes):
         mine = [r for r in rows if r["shape"] == shape]
         for qt in dict.fromkeys(r["qtype"] for r in mine):
-            pts = [r for r in mine if r["qtype"] == qt]
+            pts = sorted((r for r in mine if r["qtype"] == qt), key=lambda r: r["depth"])
+            color = colors.setdefault(qt, f"C{len(colors)}")
             for kv, style in zip(pts[0]["miaotui"], ("-", "--", ":")):
                 ax.plot([r["depth"] for r in pts], [r["miaotui"][kv]["ratio"] for r in pts], style, marker="o",
-                        label=f"{qt}, KV {kv}")
+                        color=color, label=f"{qt}, KV {kv}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.axhline(1.2, color="gray", lw=0.8, ls="--")
         ax.set_xscale("symlog", linthresh=128)
@@ -451,17 +465,28 @@ def main() -> None:
                     help="prefill suite: also time the miaotui checkout at this path in each round "
                          "(before/after under the same load)")
     ap.add_argument("--prefill-int8", action="store_true",
-                    help="prefill suite: also time miaotui with prefill_int8 (quantized files)")
+                    help="prefill and batched suites: also time miaotui with prefill_int8 (quantized files)")
     ap.add_argument("--npp", type=int, default=128)
     ap.add_argument("--ntg", type=int, default=128)
     ap.add_argument("--npl", type=ints, default=[1, 4, 8, 16])
     ap.add_argument("--batched-kv", default="fp16", choices=sorted(KV_NAMES),
                     help="miaotui's KV cache in the batched suite (llama-batched-bench keeps f16)")
     ap.add_argument("--plot", help="PNG of the depth sweep")
+    ap.add_argument("--plot-from", nargs="+", metavar="JSON",
+                    help="no run: draw --plot from the depth rows of these saved results")
     ap.add_argument("--busy", type=int, default=0, help="competing busy-loop processes during the run")
     ap.add_argument("--out", default=None, help="JSON (default results/llama_tools.json, or "
                     "results/cpu_path.json without the tools)")
     args = ap.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            sys.exit("--plot-from needs --plot PNG")
+        rows = [r for f in args.plot_from for r in json.load(open(f))["depth"]]
+        if not rows:
+            sys.exit("bench_cpu: no depth rows in " + " ".join(args.plot_from))
+        plot_depth(rows, args.plot)
+        print(f"wrote {args.plot} ({len(rows)} rows)")
+        return
     for k in ("llama_bench", "llama_batched_bench", "llama_quantize"):
         if getattr(args, k):
             setattr(args, k, os.path.abspath(os.path.expanduser(getattr(args, k))))

@@ -94,11 +94,32 @@ def test_bench_cpu_batched_side_runs_with_the_kv_type_asked(tmp_path, monkeypatc
 
     def spy(path, threads, kv, *a, **kw):
         eng = real(path, threads, kv, *a, **kw)
-        kinds.append(eng.config.kv_cache_dtype)
+        kinds.append((eng.config.kv_cache_dtype, eng.config.prefill_int8))
         return eng
     monkeypatch.setattr(bench_cpu, "engine_for", spy)
     rows = bench_cpu.miaotui_batched(f32, VOCAB, 1, 8, 4, [2, 3], seed=0)
     assert [r["pl"] for r in rows] == [2, 3]
     assert all(0 < r["t_pp"] <= r["t"] and r["speed"] == r["pl"] * 12 / r["t"] for r in rows)
     bench_cpu.miaotui_batched(f32, VOCAB, 1, 8, 4, [2], seed=0, kv="fp32")
-    assert kinds == ["float16", "float32"]
+    bench_cpu.miaotui_batched(f32, VOCAB, 1, 8, 4, [2], seed=0, prefill_int8=True)  # --prefill-int8
+    assert kinds == [("float16", False), ("float32", False), ("float16", True)]
+
+
+def test_bench_cpu_redraws_the_depth_plot_from_saved_results(tmp_path, monkeypatch):
+    """--plot-from: the depth plot from JSON already written (rows of several files), no run."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import bench_cpu
+    files = []
+    for shape in ("smollm2-135m", "tinyllama-1.1b"):
+        rows = [{"shape": shape, "qtype": "Q4_0", "depth": d, "miaotui": {"fp16": {"ratio": 1.0 + d / 1e4}}}
+                for d in (0, 512)]
+        files.append(tmp_path / f"{shape}.json")
+        files[-1].write_text(json.dumps({"depth": rows}))
+    png = tmp_path / "depth.png"
+    monkeypatch.setattr("sys.argv", ["bench_cpu.py", "--plot", str(png), "--plot-from", *map(str, files)])
+    bench_cpu.main()
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "empty.json").write_text(json.dumps({"depth": []}))
+    monkeypatch.setattr("sys.argv", ["bench_cpu.py", "--plot", str(png), "--plot-from", str(tmp_path / "empty.json")])
+    with pytest.raises(SystemExit, match="no depth rows"):
+        bench_cpu.main()
