@@ -380,3 +380,24 @@ def test_bench_spec_runs_every_method_against_plain(tiny_llama_dir, tmp_path):
     assert rows[("story", f"draft:{path}")]["acceptance_rate"] == 1.0    # its own draft
     assert engine.speculator is None and engine.pool_is_full()
     assert "| story | ngram |" in sb.table(res)
+
+
+def test_kernel_bench_times_every_candidate(tmp_path, monkeypatch):
+    """`python -m miaotui.bench.kernels` on one small shape: every candidate of each M is timed
+    (the prompt paths from M = 8 on), and the JSON holds the rows and the summary."""
+    from miaotui import kernels
+    from miaotui.bench import kernels as kb
+    monkeypatch.setitem(kb.SHAPES, "tiny", [(64, 96)])
+    monkeypatch.setattr(kb, "ROTATE_BYTES", 1 << 20)
+    out = tmp_path / "k.json"
+    kb.main(["--models", "tiny", "--m", "1", "8", "--formats", "int8", "Q8_0", "--budget", "0.01",
+             "--json", str(out)])
+    d = json.load(open(out))
+    got = {(r["M"], r["candidate"]) for r in d["rows"]}
+    want = {(m, c) for m in (1, 8) for c in ("fp32", "torch_int8")} | {(8, "Q8_0:torch")}
+    if kernels.load() is not None:
+        want |= {(m, f"{f}:int") for m in (1, 8) for f in ("int8", "Q8_0")}
+        want |= {(8, f"{f}:{p}") for f in ("int8", "Q8_0") for p in ("exact", "tiles")} | {(1, "int8:f32x")}
+    assert want <= got
+    assert all(r["reps"] >= 1 and r["median_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in d["rows"])
+    assert all(c in d["summary"] for _, c in want) and "tiny" in d["summary"]
