@@ -152,6 +152,21 @@ def test_readme_commands_parse_and_the_chat_example_is_complete():
     assert "max_tokens=" in chat
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/benchmarks.md", "docs/architecture.md"])
+def test_docs_name_files_that_exist(doc):
+    """Every result file, script, image and relative link a page names is in the repository:
+    a figure's JSON renamed or a script removed breaks the page's claim to be reproducible."""
+    import re
+    text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
+    here = os.path.dirname(os.path.join(ROOT, doc))
+    named = set(re.findall(r"(?<![\w./-])((?:results|scripts|docs)/[\w./-]+\.(?:json|py|sh|png))", text))
+    links = {os.path.relpath(os.path.join(here, t), ROOT)
+             for t in re.findall(r"\]\(([^)#:\s]+)\)", text)}     # [text](path), not URLs
+    assert named, doc
+    missing = sorted(f for f in named | links if not os.path.exists(os.path.join(ROOT, f)))
+    assert not missing, f"{doc} names files that do not exist: {missing}"
+
+
 def test_prefill_int8_flag_reaches_the_engine_config():
     parser = cli.build_parser()
     assert cli.engine_kwargs(parser.parse_args(["generate", "hi", "--prefill-int8"]))["prefill_int8"] is True
