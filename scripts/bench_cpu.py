@@ -242,9 +242,15 @@ def run_depth(args, shape: str, qt: str, path: str, vocab: int, max_len: int) ->
     return rows
 
 
+def int8_applies(args, qt: str) -> bool:
+    """--prefill-int8 is timed beside the default for quantized files only (it changes
+    nothing for float weights)."""
+    return args.prefill_int8 and qt not in ("F32", "F16", "BF16")
+
+
 def run_prefill(args, shape: str, qt: str, path: str, vocab: int) -> dict:
     from miaotui.bench import llama_tools
-    int8 = args.prefill_int8 and qt != "F32"   # the option changes quantized weights only
+    int8 = int8_applies(args, qt)
     ll, mt, mt8, base = [], [], [], []
     for r in range(args.repeats):
         ll.append(llama_tools.run_bench(args.llama_bench, path, args.threads, args.n_prompt, 0, [0], 1)[0]["avg_ts"])
@@ -270,33 +276,30 @@ def run_prefill(args, shape: str, qt: str, path: str, vocab: int) -> dict:
 
 def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
     from miaotui.bench import llama_tools
-    int8 = args.prefill_int8 and qt != "F32"   # the option changes quantized weights only
-    ll, mt, mt8 = [], [], []
+    # miaotui's variants: the default, and with --prefill-int8 the int8 prompt path too;
+    # their JSON keys: miaotui{sfx}_tok_s, miaotui{sfx}_rounds, ratio{sfx}
+    variants = [("", False)] + ([("_int8", True)] if int8_applies(args, qt) else [])
+    ll, mt = [], {sfx: [] for sfx, _ in variants}
     for r in range(args.repeats):
         # a one-sequence case first as a warm-up (llama-batched-bench has none), not kept
         ll.append({x["pl"]: x for x in llama_tools.run_batched(args.llama_batched_bench, path, args.threads,
                                                                args.npp, args.ntg, [1] + args.npl)[1:]})
-        mt.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg, args.npl,
-                                                       10 * r, args.batched_kv)})
-        if int8:
-            mt8.append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg,
-                                                            args.npl, 10 * r, args.batched_kv, prefill_int8=True)})
+        for sfx, int8 in variants:
+            mt[sfx].append({x["pl"]: x for x in miaotui_batched(path, vocab, args.threads, args.npp, args.ntg,
+                                                                args.npl, 10 * r, args.batched_kv, int8)})
         print(f"  {shape} {qt} round {r}: total tok/s by npl: llama.cpp " +
-              " ".join(f"{n}:{ll[-1][n]['speed']:.1f}" for n in args.npl) + " | miaotui " +
-              " ".join(f"{n}:{mt[-1][n]['speed']:.1f}" for n in args.npl) +
-              (" | with prefill_int8 " + " ".join(f"{n}:{mt8[-1][n]['speed']:.1f}" for n in args.npl)
-               if int8 else ""), flush=True)
+              " ".join(f"{n}:{ll[-1][n]['speed']:.1f}" for n in args.npl) +
+              "".join(f" | miaotui{' with prefill_int8' if int8 else ''} " +
+                      " ".join(f"{n}:{mt[sfx][-1][n]['speed']:.1f}" for n in args.npl) for sfx, int8 in variants),
+              flush=True)
     rows = []
     for n in args.npl:
         row = {"shape": shape, "qtype": qt, "npp": args.npp, "ntg": args.ntg, "npl": n, "kv": args.batched_kv,
-               "llama_cpp_tok_s": median_of(ll, lambda x: x[n]["speed"]),
-               "miaotui_tok_s": median_of(mt, lambda x: x[n]["speed"]),
-               "llama_cpp_rounds": [x[n] for x in ll], "miaotui_rounds": [x[n] for x in mt]}
-        row["ratio"] = row["miaotui_tok_s"] / row["llama_cpp_tok_s"]
-        if int8:
-            row.update(miaotui_int8_tok_s=median_of(mt8, lambda x: x[n]["speed"]),
-                       miaotui_int8_rounds=[x[n] for x in mt8])
-            row["ratio_int8"] = row["miaotui_int8_tok_s"] / row["llama_cpp_tok_s"]
+               "llama_cpp_tok_s": median_of(ll, lambda x: x[n]["speed"]), "llama_cpp_rounds": [x[n] for x in ll]}
+        for sfx, _ in variants:
+            row[f"miaotui{sfx}_tok_s"] = median_of(mt[sfx], lambda x: x[n]["speed"])
+            row[f"miaotui{sfx}_rounds"] = [x[n] for x in mt[sfx]]
+            row[f"ratio{sfx}"] = row[f"miaotui{sfx}_tok_s"] / row["llama_cpp_tok_s"]
         rows.append(row)
     return rows
 

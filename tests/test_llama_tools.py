@@ -123,3 +123,37 @@ def test_bench_cpu_redraws_the_depth_plot_from_saved_results(tmp_path, monkeypat
     monkeypatch.setattr("sys.argv", ["bench_cpu.py", "--plot", str(png), "--plot-from", str(tmp_path / "empty.json")])
     with pytest.raises(SystemExit, match="no depth rows"):
         bench_cpu.main()
+
+
+@pytest.mark.parametrize("qt", ["Q4_0", "Q8_0", "F32", "F16"])
+def test_bench_cpu_batched_rows_hold_each_miaotui_variant(qt, monkeypatch):
+    """The batched suite's rows: llama.cpp's and miaotui's medians and rounds, and with
+    --prefill-int8 on a quantized file the int8 prompt path's too (the keys the README reads)."""
+    import argparse
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import bench_cpu
+    from miaotui.bench import llama_tools
+    speeds = iter(range(1, 1000))
+
+    def fake(npls):
+        return [{"pl": n, "speed": float(next(speeds))} for n in npls]
+    monkeypatch.setattr(llama_tools, "run_batched", lambda binary, path, threads, npp, ntg, npls: fake(npls))
+    calls = []
+
+    def fake_miaotui(path, vocab, threads, npp, ntg, npls, seed, kv, prefill_int8=False):
+        calls.append(prefill_int8)
+        return fake(npls)
+    monkeypatch.setattr(bench_cpu, "miaotui_batched", fake_miaotui)
+    args = argparse.Namespace(prefill_int8=True, repeats=3, llama_batched_bench="x", threads=1, npp=8, ntg=4,
+                              npl=[2, 4], batched_kv="fp16")
+    rows = bench_cpu.run_batched(args, "s", qt, "f.gguf", 100)
+    want_qt = qt in ("Q4_0", "Q8_0")   # the option changes quantized weights only
+    assert calls == [False, True] * 3 if want_qt else calls == [False] * 3
+    assert [r["npl"] for r in rows] == [2, 4]
+    for r in rows:
+        assert len(r["llama_cpp_rounds"]) == len(r["miaotui_rounds"]) == 3
+        assert r["ratio"] == r["miaotui_tok_s"] / r["llama_cpp_tok_s"]
+        assert ("ratio_int8" in r) == want_qt
+        if want_qt:
+            assert r["miaotui_int8_tok_s"] == sorted(x["speed"] for x in r["miaotui_int8_rounds"])[1]
+            assert r["miaotui_int8_tok_s"] != r["miaotui_tok_s"]
