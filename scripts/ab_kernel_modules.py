@@ -7,6 +7,16 @@ shared machine wall time mostly measures the neighbours).
 
     python scripts/ab_kernel_modules.py --vnni --out results/ab_int4_vnni.json
 
+--qdecode: instead, the quantized decode matmul (int8 activations) of the two builds on a
+decode step of SmolLM2-135M's (or --shape tinyllama-1.1b) shapes: every layer's q/k/v, o,
+gate/up and down and the LM head, each layer its own copy of the weights so they stream
+from memory as in a real step, on the kernels' threads, wall time, the builds taking turns;
+Q4_0, Q4_1 and Q8_0; rows of x as 1, 4, 8 and 16 sequences. The builds may round
+differently (checked: within 1e-4; "same_bits" says whether they did).
+
+    python scripts/ab_kernel_modules.py --qdecode --base /tmp/base/miaotui/_kernels...so \
+        --out results/ab_qdecode_block32_smollm2.json
+
 --vnni: instead, this checkout's int4 decode matmul (int8 activations) with AVX-VNNI against
 the same without it (MIAOTUI_NO_VNNI=1), int4 weights in groups of 32.
 
@@ -24,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -31,9 +42,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("miaotui._kernels", path)
+    """The module at path as a second module: under its own package name (Python keeps one
+    extension module per name, so loading it as miaotui._kernels returned this checkout's
+    build), bound to its own symbols (the kernels' C++ functions have external linkage)."""
+    sys.modules.setdefault("miaotui_base", types.ModuleType("miaotui_base"))
+    spec = importlib.util.spec_from_file_location("miaotui_base._kernels", path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_DEEPBIND)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.setdlopenflags(flags)
     return mod
 
 
@@ -72,10 +92,63 @@ def vnni_ab(k, a) -> None:
         json.dump({"threads": 1, "clock": "thread CPU time", "loadavg": os.getloadavg(), "rows": rows}, f, indent=1)
 
 
+STEPS = {  # (out, in) of q/k/v, o, gate/up, down; layers; LM head rows
+    "smollm2-135m": ([(960, 576), (576, 576), (3072, 576), (576, 1536)], 30, 49152),
+    "tinyllama-1.1b": ([(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)], 22, 32000),
+}
+
+
+def qdecode_ab(base, head, a) -> None:
+    from miaotui.bench.kernels import _gguf_weight
+    layer, layers, head_rows = STEPS[a.shape]
+    hidden = layer[1][1]
+    rows = []
+    for qt in a.formats.split(","):
+        torch.manual_seed(0)
+        proto = {s: _gguf_weight(qt, torch.randn(*s) * 0.05) for s in layer + [(head_rows // 4, hidden)]}
+
+        def args(w):  # a copy of the weight as qmatmul takes it
+            mn = torch.empty(0) if w.min is None else w.min.clone()
+            return w.q.clone(), w.scale.clone(), mn, w.block_size, w.bits, w.offset
+        mats = [args(proto[s]) for _ in range(layers) for s in layer]
+        mats += [args(proto[(head_rows // 4, hidden)]) for _ in range(4)]
+        for T in a.tokens:
+            xs = {K: torch.randn(T, K) for K in {k for _, k in layer}}
+            calls = [(xs[m[0].shape[1] * 8 // m[4]], m) for m in mats]
+            for x, m in calls[:4]:
+                torch.testing.assert_close(head.qmatmul(x, *m), base.qmatmul(x, *m), rtol=1e-4, atol=1e-4)
+            same = all(torch.equal(head.qmatmul(x, *m), base.qmatmul(x, *m)) for x, m in calls[:4])
+
+            def step(mod):
+                t0 = time.perf_counter()
+                for x, m in calls:
+                    mod.qmatmul(x, *m)
+                return time.perf_counter() - t0
+            step(base), step(head)
+            tb, th = [], []
+            for _ in range(a.rounds):
+                tb.append(step(base))
+                th.append(step(head))
+            b, h = statistics.median(tb), statistics.median(th)
+            ratios = statistics.median(x / y for x, y in zip(tb, th))
+            rows.append({"format": qt, "T": T, "same_bits": same, "base_ms": 1e3 * b, "head_ms": 1e3 * h, "speedup": b / h,
+                         "speedup_paired": ratios, "base_s": tb, "head_s": th})
+            print(f"{qt} T={T:2d} base {1e3 * b:7.2f} ms head {1e3 * h:7.2f} ms  head/base {b / h:.2f} "
+                  f"(paired rounds {ratios:.2f}){'  same bits' if same else ''}", flush=True)
+    with open(a.out, "w") as f:
+        json.dump({"base": a.base, "threads": torch.get_num_threads(), "clock": "wall",
+                   "step": f"{a.shape} shapes, {layers} layers + LM head", "loadavg": os.getloadavg(),
+                   "rows": rows}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="the kernel module (.so) to compare against")
     ap.add_argument("--vnni", action="store_true", help="int4 decode matmul with and without AVX-VNNI")
+    ap.add_argument("--qdecode", action="store_true", help="quantized decode matmuls of two builds, a model step")
+    ap.add_argument("--formats", default="Q4_0,Q4_1,Q8_0")
+    ap.add_argument("--shape", choices=sorted(STEPS), default="smollm2-135m")
+    ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 8, 16])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -85,6 +158,9 @@ def main() -> None:
     if not a.base:
         ap.error("--base or --vnni")
     base, head = load_module(a.base), kernels.load()
+    assert base is not head and base.__file__ != head.__file__, "the same build twice"
+    if a.qdecode:
+        return qdecode_ab(base, head, a)
     torch.set_num_threads(1)
     for m in (base, head):
         m.set_threads(1)

@@ -123,3 +123,23 @@ def test_killed_compile_does_not_block_the_next_run(tmp_path):
     third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                            text=True, timeout=120)
     assert "loaded True" in third.stdout and "compiling" not in third.stderr   # cached now
+
+
+def test_ab_script_loads_its_base_build_as_a_second_module(tmp_path):
+    """scripts/ab_kernel_modules.py times two builds in one process: its base must be the
+    file it names, not the checkout's build again (Python keeps one extension module per
+    name, which once made every A/B compare a build with itself)."""
+    head = kernels.load()
+    if head is None:
+        pytest.skip("C++ kernels unavailable")
+    copy = tmp_path / os.path.basename(head.__file__)
+    shutil.copy(head.__file__, copy)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import ab_kernel_modules
+    finally:
+        sys.path.pop(0)
+    base = ab_kernel_modules.load_module(str(copy))
+    assert base is not head and base.__file__ == str(copy)
+    x, w = torch.randn(3, 64), torch.randn(16, 64)
+    assert torch.equal(base.f32_matmul(x, w), head.f32_matmul(x, w))
