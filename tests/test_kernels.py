@@ -195,3 +195,58 @@ def test_rotary_same_bits_as_pytorch(k):
     x1, x2 = x.chunk(2, dim=-1)
     want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     assert torch.equal(k.rotary(x, cos, sin), want)
+
+
+def _block32_weights():
+    """int8 weights with one scale per block of 32 (the decode kernels of
+    qdecode_block32.cpp): int8 (Q8_0) and int5 (Q5_0, Q5_1), with and without a min,
+    float16 and float32 scales; row counts with and without a rest past the last eight,
+    block counts with a short rest (3, 18: K = 576's two) and without."""
+    g = torch.Generator().manual_seed(8)
+    out = []
+    for n, kin in [(21, 96), (16, 576), (8, 32), (9, 512)]:
+        nb = kin // 32
+        half = torch.rand(n, nb, generator=g).half() * 0.02 + 0.001
+        mn = -torch.rand(n, nb, generator=g).half() * 0.1
+        q5 = torch.randint(0, 256, (n, kin * 5 // 8), dtype=torch.uint8, generator=g)
+        q8 = torch.randint(-128, 128, (n, kin), dtype=torch.int8, generator=g)
+        out += [(f"int5 offset {n}x{kin}", Q.Int5Weight(q5, half, None, 32, kin)),
+                (f"int5 min {n}x{kin}", Q.Int5Weight(q5, half, mn, 32, kin)),
+                (f"int8 {n}x{kin}", Q.Int8Weight(q8, half, None, 32, kin)),
+                (f"int8 f32 scales min {n}x{kin}", Q.Int8Weight(q8, half.float(), mn.float(), 32, kin))]
+    return out
+
+
+BLOCK32 = _block32_weights()
+
+
+def _block32_reference(w, x):
+    """The decode kernel's arithmetic in float64 from the same integers: x quantized per
+    block of 32 as the kernel does it (float32 steps, round half to even), then
+    y = sum_b d_b * f32(scale_b * dx_b) (+ min_b * f32(dx_b * sum xq)), d_b the exact
+    integer dot product; and a bound on the kernel's float32 rounding (one fma a term)."""
+    t, nb = x.shape[0], w.padded_in // 32
+    xb = x.view(t, nb, 32)
+    a = xb.abs().amax(-1)
+    dx = a / 127
+    xq = torch.round(xb * torch.where(a > 0, 127 / a, torch.zeros_like(a))[..., None])
+    ints = w._ints(w.q).view(w.out_features, nb, 32).double()
+    d = torch.einsum("tbk,nbk->tnb", xq.double(), ints)
+    terms = d * (w.scale.float()[None] * dx[:, None]).double()
+    if w.min is not None:
+        bsum = dx * xq.sum(-1)
+        terms = torch.cat([terms, (w.min.float()[None] * bsum[:, None]).double()], -1)
+    return terms.sum(-1), terms.abs().sum(-1) * terms.shape[-1] * 2.0 ** -24 + 1e-30
+
+
+@pytest.mark.parametrize("name,w", BLOCK32, ids=[n for n, _ in BLOCK32])
+def test_block32_decode_matmul(k, name, w):
+    """The row kernel (below 16 tokens: the slices of 1, 2, 7, 12 and 13 tokens) and the
+    panel kernel (20 tokens: tiles of four) give each token the same bits, and those bits
+    are the documented arithmetic: within float32 rounding of the float64 sum of the exact
+    integer block products (an integer product off by one lands several times outside the
+    bound)."""
+    x = torch.randn(20, w.padded_in, generator=torch.Generator().manual_seed(w.out_features))
+    y = _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), x)
+    ref, bound = _block32_reference(w, x)
+    assert ((y.double() - ref).abs() <= bound).all(), name

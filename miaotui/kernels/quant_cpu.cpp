@@ -16,13 +16,16 @@
 //   K is a multiple of 32 (the Python side pads int8 rows with zeros when needed).
 //
 // qmatmul (decode, small T): every row of x is quantized to int8 in blocks of 32,
-// x ~ dx * xq, and the dot product of each block is an integer one (maddubs + madd):
+// x ~ dx * xq, and the dot product of each block is an integer one (maddubs + madd).
+// int8 weights with one scale per block of 32 (GGUF's Q8_0, Q5_0, Q5_1) take
+// qdecode_block32.cpp (a row kernel, and from 16 tokens eight rows of a panel per tile).
+// The others (int4, blocks of 16, of 64 and more, one scale per row) take the kernel here:
 //   y = sum_b scale_b * dx_b * sum(q * xq)  +  sum_b c_b * dx_b * sum(xq),
 //   c_b = min_b (or -8 * scale_b), the second term summed per scale block.
 // Eight blocks' integer sums are gathered into one vector (hadd) before the float
 // scaling, so the scales cost one multiply and one FMA per eight blocks. Each weight byte
 // is read once per call (per 4 tokens, from L2, when T > 4); rows are split between
-// threads.
+// threads. Either way a row's arithmetic does not depend on T.
 //
 // dequant (prefill, large T): float32 rows for BLAS, bit-exact with the Python
 // reference (compiled with -ffp-contract=off: a multiply then an add, never an FMA).
@@ -54,41 +57,8 @@
 namespace miaotui {
 namespace {
 
-inline float to_float(float v) { return v; }
-inline float to_float(half_t v) { return _cvtsh_ss(v); }
 inline __m256i load32(const void* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
-// The 32 4-bit values of one block as bytes 0..15.
-inline __m256i unpack_int4(const uint8_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i m = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-}
-
-// The 32 values of int5 block b of a row (low nibbles at row, fifth bits at row + K/2) as
-// int8, minus 16 when sub16: the bytes an int8 repack of the block holds.
-inline __m256i unpack_int5(const uint8_t* row, int64_t half_k, int64_t b, bool sub16) {
-  int32_t bits;
-  std::memcpy(&bits, row + half_k + 4 * b, 4);
-  // byte j of the 32 gets bit j of `bits`: byte j / 8 copied to byte j, tested against 1 << j % 8
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(bits), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
-                                                2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i mask = _mm256_set1_epi64x(0x8040201008040201LL);
-  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);  // 0xFF where the bit is set
-  const __m256i low = unpack_int4(row + 16 * b);
-  // set: low | 16 (minus 16: low); clear: low (minus 16: low - 16)
-  return sub16 ? _mm256_add_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(-16)))
-               : _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-}
-
-// A block of an int8 (kQ5: int5) weight row as 32 int8 values.
-template <bool kQ5>
-__attribute__((always_inline)) inline __m256i int8_block(const Weights& w, const uint8_t* row, int64_t b) {
-  if constexpr (kQ5) return unpack_int5(row, w.K / 2, b, w.q5_sub16);
-  else return load32(row + 32 * b);
 }
 
 // Sum of w * x over a block of 32, as 8 int32 partial sums (lane i: values 4i..4i+3).
@@ -352,25 +322,6 @@ inline __m256 scales8(const S* s, int64_t b, int shift) {
   return _mm256_set1_ps(to_float(s[i]));
 }
 
-// Eight values from p as floats, zeros past `count` (a short last group). Masked loads
-// read nothing past p[count - 1]; going through memory instead would stall on
-// store-to-load forwarding once per row.
-template <typename S>
-__attribute__((always_inline)) inline __m256 load_part(const S* p, int count) {
-  if (count >= 8) return load8(p);
-  if (count <= 0) return _mm256_setzero_ps();
-  if constexpr (std::is_same_v<S, float>) {
-    return _mm256_maskload_ps(p, lanes_below(count));
-  } else {
-    if (count % 2 == 0)  // pairs of halves as 32-bit lanes
-      return _mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p),
-                                                _mm256_castsi256_si128(lanes_below(count / 2))));
-    alignas(32) float f[8] = {};
-    for (int i = 0; i < count; ++i) f[i] = to_float(p[i]);
-    return _mm256_load_ps(f);
-  }
-}
-
 // The weight scales of blocks b..b+m-1 (block i uses s[i >> shift]), zeros past m.
 template <typename S>
 __attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, int shift, int m) {
@@ -386,11 +337,10 @@ __attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, 
 // acc. Their integer dot products are reduced to one vector of (up to) eight sums, scaled
 // by eight (weight scale * dx) products and accumulated with one FMA; with scale blocks of
 // 32 the min/offset term rides along (one more FMA). Called with m = 8 for whole groups
-// and once with a smaller m for the rest of a row, whose missing lanes are zeros. kQ5:
-// int5 weights, unpacked to the int8 values and then computed as int8 ones. kVnni: int4
+// and once with a smaller m for the rest of a row, whose missing lanes are zeros. kVnni: int4
 // sums by AVX-VNNI (the same integers).
 // kM: m known at compile time (a row's short rest), so the blocks past m cost nothing.
-template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni, int kM = 0>
+template <bool kInt4, bool kB16, typename S, int TM, bool kVnni, int kM = 0>
 __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a, const uint8_t* wq,
                                                  const S* ws, const S* wm, int64_t b, int m,
                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -434,7 +384,7 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
     }
   } else {
     __m256i wv[8];
-    for (int i = 0; i < 8; ++i) wv[i] = i < m ? int8_block<kQ5>(w, wq, b + i) : zero;
+    for (int i = 0; i < 8; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
     __m256 sc_lo, sc_hi, c8;  // weight scales lined up with reduce8's lanes; min term factors
     if constexpr (kB16) {  // scale 2i for values 0..15 of block i, 2i + 1 for 16..31
       sc_lo = _mm256_permutevar8x32_ps(load_part(ws + 2 * b, 2 * m), even_odd);
@@ -469,7 +419,7 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
 // The same for a short rest of at most four int8 blocks (K = 576 leaves two): half the
 // reduction of a whole group, ~13% faster at K = 576 (an int4 rest gains nothing from it).
 // Lane j and lane j + 4 of the reduced sums both belong to block j.
-template <bool kQ5, bool kB16, typename S, int TM>
+template <bool kB16, typename S, int TM>
 __attribute__((always_inline)) inline void group4_int8(const Weights& w, const Acts& a, const uint8_t* wq,
                                                        const S* ws, const S* wm, int64_t b, int m,
                                                        bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -478,7 +428,7 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
                          : _mm256_permutevar8x32_ps(scales_part(ws, b, w.shift, m), idx);
   const __m256 c4 = !inline_min ? _mm256_setzero_ps() : wm ? load_part(wm + b, m) : scales_part(ws, b, 0, m);
   __m256i wv[4];
-  for (int i = 0; i < 4; ++i) wv[i] = i < m ? int8_block<kQ5>(w, wq, b + i) : zero;
+  for (int i = 0; i < 4; ++i) wv[i] = i < m ? load32(wq + 32 * (b + i)) : zero;
   for (int t = 0; t < TM; ++t) {
     const int8_t* xq = a.q + (t0 + t) * w.K + 32 * b;
     __m256i p[4];
@@ -499,7 +449,7 @@ constexpr int64_t kPrefetchBytes = 4096;
 // kInlineMin: the min/offset term rides in the groups (one scale per block; see run_rows).
 // A compile-time flag: tested at run time inside the token loop it left the four
 // accumulators of a 4-token tile on the stack, each group's FMA waiting on a store.
-template <bool kInt4, bool kQ5, bool kB16, typename S, int TM, bool kVnni, bool kInlineMin>
+template <bool kInt4, bool kB16, typename S, int TM, bool kVnni, bool kInlineMin>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
@@ -512,23 +462,22 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
     __m256 acc[TM];
     for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < full; b += 8) {
-      const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 || kQ5 ? 16 : 32) * b + kPrefetchBytes;
-      for (int l = 0; l < (kInt4 || kQ5 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-      if (kQ5) _mm_prefetch(reinterpret_cast<const char*>(wq) + K / 2 + 4 * b + kPrefetchBytes, _MM_HINT_T0);
-      group<kInt4, kQ5, kB16, S, TM, kVnni>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
+      const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 ? 16 : 32) * b + kPrefetchBytes;
+      for (int l = 0; l < (kInt4 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+      group<kInt4, kB16, S, TM, kVnni>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
     }
     if constexpr (!kInt4) {
       if (rest && rest <= 4) {
-        group4_int8<kQ5, kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group4_int8<kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       } else if (rest) {
-        group<kInt4, kQ5, kB16, S, TM, kVnni>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group<kInt4, kB16, S, TM, kVnni>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       }
     } else if (rest == 2) {  // int4: a rest of 2, 4 or 6 blocks, m fixed at compile time (~9% at K = 576)
-      group<kInt4, kQ5, kB16, S, TM, kVnni, 2>(w, a, wq, ws, wm, full, 2, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kVnni, 2>(w, a, wq, ws, wm, full, 2, inline_min, t0, acc);
     } else if (rest == 4) {
-      group<kInt4, kQ5, kB16, S, TM, kVnni, 4>(w, a, wq, ws, wm, full, 4, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kVnni, 4>(w, a, wq, ws, wm, full, 4, inline_min, t0, acc);
     } else if (rest) {
-      group<kInt4, kQ5, kB16, S, TM, kVnni, 6>(w, a, wq, ws, wm, full, 6, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kVnni, 6>(w, a, wq, ws, wm, full, 6, inline_min, t0, acc);
     }
     float r[TM];
     for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
@@ -549,18 +498,18 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
   }
 }
 
-template <bool kInt4, bool kQ5, bool kB16, typename S, bool kVnni, bool kInlineMin>
+template <bool kInt4, bool kB16, typename S, bool kVnni, bool kInlineMin>
 void tile_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t c0, int64_t c1,
                int64_t t0) {
   switch (std::min<int64_t>(4, T - t0)) {
-    case 1: dot_rows<kInt4, kQ5, kB16, S, 1, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    case 2: dot_rows<kInt4, kQ5, kB16, S, 2, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    case 3: dot_rows<kInt4, kQ5, kB16, S, 3, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    default: dot_rows<kInt4, kQ5, kB16, S, 4, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 1: dot_rows<kInt4, kB16, S, 1, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 2: dot_rows<kInt4, kB16, S, 2, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 3: dot_rows<kInt4, kB16, S, 3, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    default: dot_rows<kInt4, kB16, S, 4, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
   }
 }
 
-template <bool kInt4, bool kQ5, bool kB16, typename S, bool kVnni = false>
+template <bool kInt4, bool kB16, typename S, bool kVnni = false>
 void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
               int64_t n1) {
   // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
@@ -568,8 +517,8 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
-      if (a.s && !kB16 && w.shift == 0) tile_rows<kInt4, kQ5, kB16, S, kVnni, true>(w, a, y, ldy, T, c0, c1, t0);
-      else tile_rows<kInt4, kQ5, kB16, S, kVnni, false>(w, a, y, ldy, T, c0, c1, t0);
+      if (a.s && !kB16 && w.shift == 0) tile_rows<kInt4, kB16, S, kVnni, true>(w, a, y, ldy, T, c0, c1, t0);
+      else tile_rows<kInt4, kB16, S, kVnni, false>(w, a, y, ldy, T, c0, c1, t0);
     }
   }
 }
@@ -620,6 +569,12 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy) {
   const int64_t nb = w.K / 32, ld = round8(nb), lds = round8(w.nwb);
+  if (block32_format(w)) {  // Q8_0, Q5_0, Q5_1: qdecode_block32.cpp
+    std::vector<int8_t> xq(T * w.K);
+    std::vector<float> dx(T * ld), bsum(T * ld);
+    quantize_acts(x, T, w.K, xq.data(), dx.data(), bsum.data(), ld, false);
+    return block32_matmul(w, xq.data(), dx.data(), bsum.data(), ld, T, y, ldy);
+  }
   std::vector<int8_t> xq(T * w.K);
   std::vector<float> dx(T * ld), bsum(T * ld), s;
   quantize_acts(x, T, w.K, xq.data(), dx.data(), bsum.data(), ld, w.bits == 4);
@@ -644,20 +599,17 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
   const bool vnni = has_vnni();
   parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
     if (w.bits == 4 && vnni) {  // int4: the same integer sums by AVX-VNNI
-      if (w.half) run_rows<true, false, false, half_t, true>(w, a, y, ldy, T, n0, n1);
-      else run_rows<true, false, false, float, true>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<true, false, half_t, true>(w, a, y, ldy, T, n0, n1);
+      else run_rows<true, false, float, true>(w, a, y, ldy, T, n0, n1);
     } else if (w.bits == 4) {
-      if (w.half) run_rows<true, false, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<true, false, false, float>(w, a, y, ldy, T, n0, n1);
-    } else if (w.bits == 5) {  // Q5_0 / Q5_1: float16 scales (and mins), blocks of 32
-      TORCH_CHECK(w.half && !w.b16 && w.shift == 0, "int5 weights take float16 scales per block of 32");
-      run_rows<false, true, false, half_t>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<true, false, float>(w, a, y, ldy, T, n0, n1);
     } else if (w.b16) {
-      if (w.half) run_rows<false, false, true, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, false, true, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, true, float>(w, a, y, ldy, T, n0, n1);
     } else {
-      if (w.half) run_rows<false, false, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, false, false, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, false, half_t>(w, a, y, ldy, T, n0, n1);
+      else run_rows<false, false, float>(w, a, y, ldy, T, n0, n1);
     }
   });
 }

@@ -6,8 +6,10 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <optional>
+#include <type_traits>
 
 namespace miaotui {
 
@@ -20,6 +22,9 @@ inline float hsum(__m256 v) {
 }
 
 using half_t = uint16_t;  // IEEE binary16 bits (torch.float16)
+
+inline float to_float(float v) { return v; }
+inline float to_float(half_t v) { return _cvtsh_ss(v); }
 
 // Eight values from p as float32 (int8 values unscaled).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -34,6 +39,49 @@ inline __m256 load8(const int8_t* p) {
 // stores and blends.
 inline __m256i lanes_below(int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Eight values from p as floats, zeros past `count` (a short last group). Masked loads
+// read nothing past p[count - 1]; going through memory instead would stall on
+// store-to-load forwarding once per row.
+template <typename S>
+__attribute__((always_inline)) inline __m256 load_part(const S* p, int count) {
+  if (count >= 8) return load8(p);
+  if (count <= 0) return _mm256_setzero_ps();
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_maskload_ps(p, lanes_below(count));
+  } else {
+    if (count % 2 == 0)  // pairs of halves as 32-bit lanes
+      return _mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p),
+                                                _mm256_castsi256_si128(lanes_below(count / 2))));
+    alignas(32) float f[8] = {};
+    for (int i = 0; i < count; ++i) f[i] = to_float(p[i]);
+    return _mm256_load_ps(f);
+  }
+}
+
+// The 32 4-bit values of one block as bytes 0..15.
+inline __m256i unpack_int4(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+
+// The 32 values of int5 block b of a row (low nibbles at row, fifth bits at row + K/2) as
+// int8, minus 16 when sub16: the bytes an int8 repack of the block holds.
+inline __m256i unpack_int5(const uint8_t* row, int64_t half_k, int64_t b, bool sub16) {
+  int32_t bits;
+  std::memcpy(&bits, row + half_k + 4 * b, 4);
+  // byte j of the 32 gets bit j of `bits`: byte j / 8 copied to byte j, tested against 1 << j % 8
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(bits), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2,
+                                                2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i mask = _mm256_set1_epi64x(0x8040201008040201LL);
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);  // 0xFF where the bit is set
+  const __m256i low = unpack_int4(row + 16 * b);
+  // set: low | 16 (minus 16: low); clear: low (minus 16: low - 16)
+  return sub16 ? _mm256_add_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(-16)))
+               : _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
 }
 
 // A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
@@ -57,6 +105,12 @@ Weights describe(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
 
 // y[t, n] (rows ldy apart) = x[t] . W[n] with x [T, K] quantized to int8 per block of 32.
 void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
+
+// The same for int8 weights with one scale per block of 32 (block32_format: Q8_0, Q5_0,
+// Q5_1) in qdecode_block32.cpp; xq, dx, bsum as quantize_acts gives them (plain order).
+bool block32_format(const Weights& w);
+void block32_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* bsum, int64_t ld, int64_t T,
+                    float* y, int64_t ldy);
 
 // The same for prompt tokens (EngineConfig.prefill_int8): an int8 GEMM, VNNI where present.
 void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
