@@ -250,3 +250,52 @@ def test_block32_decode_matmul(k, name, w):
     y = _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), x)
     ref, bound = _block32_reference(w, x)
     assert ((y.double() - ref).abs() <= bound).all(), name
+
+
+def _int4_weights():
+    """int4 weights with one scale per block of 32 as GGUF's Q4_0 (offset 8) and Q4_1 (a
+    min) hold them, float16 and float32 scales; row counts with a pair of panels, an odd
+    last panel and rows past the last eight (8, 21, 40, 300 rows); K = 576 (18 blocks, two
+    past the last eight), 2048, 64."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for n, kin in [(40, 576), (21, 2048), (300, 576), (8, 64)]:
+        nb = kin // 32
+        q = torch.randint(0, 256, (n, kin // 2), dtype=torch.uint8, generator=g)
+        sc = torch.rand(n, nb, generator=g).half() * 0.02 + 0.001
+        mn = -torch.rand(n, nb, generator=g).half() * 0.1
+        out += [(f"Q4_0 {n}x{kin}", Q.Int4Weight(q, sc, None, 32, kin)),
+                (f"Q4_1 {n}x{kin}", Q.Int4Weight(q, sc, mn, 32, kin)),
+                (f"f32 scales min {n}x{kin}", Q.Int4Weight(q, sc.float(), mn.float(), 32, kin))]
+    return out
+
+
+INT4 = _int4_weights()
+
+
+@pytest.mark.parametrize("name,w", INT4, ids=[n for n, _ in INT4])
+def test_int4_decode_matmul_row_and_panel_kernels(k, name, w):
+    """int4 weights, one scale per block of 32: the row kernel (under 8 tokens) and the
+    panel kernel of qdecode_int4.cpp (8 tokens and more: slices of 8, 12, 33 and 40 tokens)
+    give a token the same bits, and they are the documented steps: the exact integer block
+    sums over the nibbles, an fma per block into eight accumulators (block b into b mod 8)
+    with the min term after it (-8 * the block's activation sum times the scale without a
+    min), the accumulators added in a fixed tree; float64 with float32 rounding bounds."""
+    x = torch.randn(40, w.padded_in, generator=torch.Generator().manual_seed(w.out_features))
+    f = lambda a: k.qmatmul(a, *w._kernel_args())  # noqa: E731
+    y = _invariant(f, x)
+    alone = torch.cat([f(x[i:i + 1].contiguous()) for i in range(x.shape[0])])
+    assert torch.equal(y, alone)
+    t, nb = x.shape[0], w.padded_in // 32
+    xb = x.view(t, nb, 32)
+    a = xb.abs().amax(-1)
+    dx = a / 127
+    xq = torch.round(xb * torch.where(a > 0, 127 / a, torch.zeros_like(a))[..., None])
+    u = Q._unpack_int4(w.q).view(w.out_features, nb, 32).double()   # the nibbles, 0..15
+    d = torch.einsum("tbk,nbk->tnb", xq.double(), u)
+    bsum = (dx * xq.sum(-1))[:, None]
+    c, f_min = (w.min, 1.0) if w.min is not None else (w.scale, -8.0)
+    terms = torch.cat([(d * (w.scale.float()[None] * dx[:, None]).double()),
+                       (c.float()[None] * (f_min * bsum)).double()], -1)
+    ref, bound = terms.sum(-1), terms.abs().sum(-1) * terms.shape[-1] * 2.0 ** -24 + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all(), name

@@ -1,7 +1,8 @@
 // The decode matmul (int8 activations) for int8 weights with one scale per block of 32:
 // GGUF's Q8_0, and Q5_0 / Q5_1 (int5, unpacked to their int8 values in registers). Other
-// formats take quant_cpu.cpp's row kernel (int4 was tried here too: 0.93x that kernel
-// below 16 tokens, docs/benchmarks.md).
+// formats take quant_cpu.cpp's row kernel (int4 with this file's steps was 0.93x that
+// kernel below 16 tokens, docs/benchmarks.md; qdecode_int4.cpp instead keeps the row
+// kernel's steps for its panel kernel).
 //
 // Every output is one fixed sequence of float steps, whichever kernel below computes it and
 // however many tokens share the call, so a token's result never depends on the batch.
@@ -38,39 +39,6 @@ namespace {
 
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m128i load16(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-inline __m256i bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm256_set1_epi32(v);
-}
-
-// out[8 * b + j] = s[j * nwb + b] for b < nb: the scales (or mins) of eight rows (nwb
-// apart) as floats, block by block. Eight blocks at a time by an 8x8 transpose; the last
-// few blocks of a row (whose eight-wide loads would pass the tensor's end) one by one.
-template <typename S>
-void rows8_scales(const S* s, int64_t nwb, int64_t nb, float* out) {
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    __m256 r[8], t[8];
-    for (int j = 0; j < 8; ++j) r[j] = load8(s + j * nwb + b);
-    for (int j = 0; j < 8; j += 2) {
-      t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int h = 0; h < 8; h += 4) {  // rows h..h+3: columns k and k + 4 of them
-      r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
-      r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
-      r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
-      r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
-    }
-    for (int k = 0; k < 4; ++k) {
-      _mm256_storeu_ps(out + 8 * (b + k), _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-      _mm256_storeu_ps(out + 8 * (b + k + 4), _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-    }
-  }
-  for (; b < nb; ++b)
-    for (int j = 0; j < 8; ++j) out[8 * b + j] = to_float(s[j * nwb + b]);
-}
 
 // The activations as quantize_acts leaves them (plain order); rows of dx and bsum ld apart,
 // zeros past the last block.
@@ -78,23 +46,6 @@ struct Xq {
   const int8_t* q;
   const float *dx, *bsum;
   int64_t ld, K;
-};
-
-// Weights stream once per call; the hardware prefetcher alone leaves bandwidth unused
-// (quant_cpu.cpp's kPrefetchBytes). Rows n..n+7 are one contiguous run of 8 row_bytes, read
-// at an even pace over `steps` steps: the run about kAhead bytes on is prefetched as fast.
-constexpr int64_t kAhead = 4096;
-
-struct Prefetch {
-  const char* base;
-  int64_t per_step;  // bytes
-  Prefetch(const uint8_t* rows, int64_t run, int64_t steps) {
-    base = reinterpret_cast<const char*>(rows) + std::max<int64_t>(1, (kAhead + run - 1) / run) * run;
-    per_step = (run + steps - 1) / steps;
-  }
-  void operator()(int64_t i) const {
-    for (int64_t at = i * per_step; at < (i + 1) * per_step; at += 64) _mm_prefetch(base + at, _MM_HINT_T0);
-  }
 };
 
 // The scales and mins of eight rows as floats, 8 a block (rows8_scales).
@@ -132,7 +83,7 @@ void row_tokens(const Weights& w, const Xq& a, int64_t n0, int64_t n1, int64_t t
     const uint8_t* r = w.q + n * rb;
     const S* s = static_cast<const S*>(w.scale) + n * w.nwb;
     const S* m = kMin ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
-    const char* ahead = reinterpret_cast<const char*>(r) + kAhead;
+    const char* ahead = reinterpret_cast<const char*>(r) + kPrefetchBytes;
     __m256 acc[TM];
     for (int t = 0; t < TM; ++t) acc[t] = _mm256_setzero_ps();
     // blocks b0..b0+7, or the cnt < 8 left at the end of the row (kFull: known at compile time)

@@ -440,11 +440,6 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
   }
 }
 
-// Weights stream from memory once per call and the hardware prefetcher alone leaves
-// bandwidth unused: with this, TinyLlama's Q8_0 matmuls at M=1 went from 20.0 (best 22.7)
-// to 21.6 (30.8) GB/s (python -m miaotui.bench.kernels --m 1, results/kernels_m1*.json).
-constexpr int64_t kPrefetchBytes = 4096;
-
 // y[t, n] for rows n0..n1 and the TM tokens t0..t0+TM, eight blocks at a time.
 // kInlineMin: the min/offset term rides in the groups (one scale per block; see run_rows).
 // A compile-time flag: tested at run time inside the token loop it left the four
@@ -587,6 +582,9 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
       for (int64_t j = 0; j < nb; ++j) s[t * lds + j / per] += f * bsum[t * ld + j];
     a.s = s.data();
   }
+  int64_t n0 = 0;  // rows done by the panel kernel
+  if (a.s && lds == ld && int4_panel_format(w, T)) n0 = int4_panel_matmul(w, a.q, a.d, a.s, ld, T, y, ldy);
+  if (n0 == w.N) return;
   std::vector<float> dp, sp;
   if (w.bits == 4) {
     dp = even_odd_runs(dx);
@@ -597,19 +595,20 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
     }
   }
   const bool vnni = has_vnni();
-  parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
+  parallel_rows(w.N - n0, 16, [&](int64_t i0, int64_t i1) {
+    const int64_t r0 = n0 + i0, r1 = n0 + i1;
     if (w.bits == 4 && vnni) {  // int4: the same integer sums by AVX-VNNI
-      if (w.half) run_rows<true, false, half_t, true>(w, a, y, ldy, T, n0, n1);
-      else run_rows<true, false, float, true>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<true, false, half_t, true>(w, a, y, ldy, T, r0, r1);
+      else run_rows<true, false, float, true>(w, a, y, ldy, T, r0, r1);
     } else if (w.bits == 4) {
-      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<true, false, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, r0, r1);
+      else run_rows<true, false, float>(w, a, y, ldy, T, r0, r1);
     } else if (w.b16) {
-      if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, true, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, r0, r1);
+      else run_rows<false, true, float>(w, a, y, ldy, T, r0, r1);
     } else {
-      if (w.half) run_rows<false, false, half_t>(w, a, y, ldy, T, n0, n1);
-      else run_rows<false, false, float>(w, a, y, ldy, T, n0, n1);
+      if (w.half) run_rows<false, false, half_t>(w, a, y, ldy, T, r0, r1);
+      else run_rows<false, false, float>(w, a, y, ldy, T, r0, r1);
     }
   });
 }

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -84,6 +85,61 @@ inline __m256i unpack_int5(const uint8_t* row, int64_t half_k, int64_t b, bool s
                : _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
 }
 
+// Weights stream from memory once per call and the hardware prefetcher alone leaves
+// bandwidth unused: the decode kernels prefetch this far ahead. With it, TinyLlama's Q8_0
+// matmuls at M=1 went from 20.0 (best 22.7) to 21.6 (30.8) GB/s (python -m
+// miaotui.bench.kernels --m 1, results/kernels_m1*.json).
+constexpr int64_t kPrefetchBytes = 4096;
+
+// The panel kernels' prefetch: rows n..n+7 are one contiguous run of 8 row_bytes, read at
+// an even pace over `steps` steps; the run about kPrefetchBytes on is prefetched as fast.
+struct Prefetch {
+  const char* base;
+  int64_t per_step;  // bytes
+  Prefetch(const uint8_t* rows, int64_t run, int64_t steps) {
+    base = reinterpret_cast<const char*>(rows) + std::max<int64_t>(1, (kPrefetchBytes + run - 1) / run) * run;
+    per_step = (run + steps - 1) / steps;
+  }
+  void operator()(int64_t i) const {
+    for (int64_t at = i * per_step; at < (i + 1) * per_step; at += 64) _mm_prefetch(base + at, _MM_HINT_T0);
+  }
+};
+
+// out[8 * b + j] = s[j * nwb + b] for b < nb: the scales (or mins) of eight rows (nwb
+// apart) as floats, block by block. Eight blocks at a time by an 8x8 transpose; the last
+// few blocks of a row (whose eight-wide loads would pass the tensor's end) one by one.
+template <typename S>
+void rows8_scales(const S* s, int64_t nwb, int64_t nb, float* out) {
+  int64_t b = 0;
+  for (; b + 8 <= nb; b += 8) {
+    __m256 r[8], t[8];
+    for (int j = 0; j < 8; ++j) r[j] = load8(s + j * nwb + b);
+    for (int j = 0; j < 8; j += 2) {
+      t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+      t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {  // rows h..h+3: columns k and k + 4 of them
+      r[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+      r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+      r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+      r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(out + 8 * (b + k), _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+      _mm256_storeu_ps(out + 8 * (b + k + 4), _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+  }
+  for (; b < nb; ++b)
+    for (int j = 0; j < 8; ++j) out[8 * b + j] = to_float(s[j * nwb + b]);
+}
+
+// Four activation bytes broadcast to every 32-bit lane.
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
 // A quantized [N, K] weight (layout: quant_cpu.cpp's header comment).
 struct Weights {
   const uint8_t* q;
@@ -111,6 +167,15 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
 bool block32_format(const Weights& w);
 void block32_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* bsum, int64_t ld, int64_t T,
                     float* y, int64_t ldy);
+
+// The same for int4 weights with one scale per block of 32 from kInt4PanelTokens tokens on
+// (qdecode_int4.cpp): the bits of qmatmul_into's row kernel. xq in the paired order, dx and
+// s (the min-term factors, quant_cpu.cpp's Acts) plain, rows ld apart. Computes rows below
+// the last multiple of eight and returns how many that is.
+constexpr int64_t kInt4PanelTokens = 8;
+bool int4_panel_format(const Weights& w, int64_t T);
+int64_t int4_panel_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* s, int64_t ld,
+                          int64_t T, float* y, int64_t ldy);
 
 // The same for prompt tokens (EngineConfig.prefill_int8): an int8 GEMM, VNNI where present.
 void qgemm_int8_into(const float* x, int64_t T, const Weights& w, float* y, int64_t ldy);
