@@ -38,7 +38,6 @@ namespace miaotui {
 namespace {
 
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline __m128i load16(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
 // The activations as quantize_acts leaves them (plain order); rows of dx and bsum ld apart,
 // zeros past the last block.
@@ -135,21 +134,6 @@ void row_tokens(const Weights& w, const Xq& a, int64_t n0, int64_t n1, int64_t t
     if (b0 < nb) group(b0, nb - b0, std::false_type{});
     for (int t = 0; t < TM; ++t) y[(t0 + t) * ldy + n] = residue_sum(acc[t]);
   }
-}
-
-// Rows j = 0..7's 16 bytes at p + j * stride as four vectors, lane j of out[g] holding
-// row j's bytes 4g..4g+3.
-inline void transpose_rows8(const uint8_t* p, int64_t stride, uint8_t* out) {
-  __m256i v[4];
-  for (int j = 0; j < 4; ++j)
-    v[j] = _mm256_inserti128_si256(_mm256_castsi128_si256(load16(p + j * stride)), load16(p + (j + 4) * stride), 1);
-  const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
-  const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-  __m256i* o = reinterpret_cast<__m256i*>(out);
-  _mm256_storeu_si256(o, _mm256_unpacklo_epi64(t0, t2));
-  _mm256_storeu_si256(o + 1, _mm256_unpackhi_epi64(t0, t2));
-  _mm256_storeu_si256(o + 2, _mm256_unpacklo_epi64(t1, t3));
-  _mm256_storeu_si256(o + 3, _mm256_unpackhi_epi64(t1, t3));
 }
 
 // A panel: rows n..n+7 repacked (nb blocks of eight 32-byte vectors) with their scales and

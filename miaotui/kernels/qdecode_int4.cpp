@@ -34,8 +34,6 @@
 namespace miaotui {
 namespace {
 
-inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline __m128i load16(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
 // Where block b's activation values 0..15 start (values 16..31 are 32 bytes on): int4
 // activations are stored by pairs of blocks, [b 0..15, b+1 0..15, b 16..31, b+1 16..31].
@@ -62,20 +60,14 @@ void pack(const Weights& w, int64_t n, Panel& pn) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     ahead(b);
-    // the four 4-byte groups of the block's 16 bytes, rows side by side (a 4x4 transpose
-    // of 32-bit groups per 128-bit half)
-    __m256i v[4];
-    for (int j = 0; j < 4; ++j)
-      v[j] = _mm256_inserti128_si256(_mm256_castsi128_si256(load16(r + j * rb + 16 * b)),
-                                     load16(r + (j + 4) * rb + 16 * b), 1);
-    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
-    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-    const __m256i g[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
-                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    // the four 4-byte groups of the block's 16 bytes, rows side by side, split in place
+    // into their low nibbles (values 4i..4i+3) and high nibbles (16 + 4i..)
+    transpose_rows8(r + 16 * b, rb, &pn.u[256 * b]);
     __m256i* o = reinterpret_cast<__m256i*>(&pn.u[256 * b]);
-    for (int i = 0; i < 4; ++i) {  // low nibbles: values 4i..4i+3; high: 16 + 4i..
-      _mm256_storeu_si256(o + i, _mm256_and_si256(g[i], low4));
-      _mm256_storeu_si256(o + 4 + i, _mm256_and_si256(_mm256_srli_epi16(g[i], 4), low4));
+    for (int i = 0; i < 4; ++i) {
+      const __m256i g = _mm256_loadu_si256(o + i);
+      _mm256_storeu_si256(o + 4 + i, _mm256_and_si256(_mm256_srli_epi16(g, 4), low4));
+      _mm256_storeu_si256(o + i, _mm256_and_si256(g, low4));
     }
   }
 }
@@ -104,7 +96,7 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
         __m256i c[P];
-        for (int p = 0; p < P; ++p) c[p] = load32(&pn[p].u[256 * b + 32 * (4 * h + g)]);
+        for (int p = 0; p < P; ++p) c[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&pn[p].u[256 * b + 32 * (4 * h + g)]));
 #pragma GCC unroll 4
         for (int t = 0; t < MR; ++t) {
           const __m256i xb = bcast4(x + t * K + 32 * h + 4 * g);

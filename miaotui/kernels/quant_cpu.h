@@ -133,6 +133,22 @@ void rows8_scales(const S* s, int64_t nwb, int64_t nb, float* out) {
     for (int j = 0; j < 8; ++j) out[8 * b + j] = to_float(s[j * nwb + b]);
 }
 
+// Rows j = 0..7's 16 bytes at p + j * stride as four vectors, lane j of out[g] holding
+// row j's bytes 4g..4g+3.
+inline void transpose_rows8(const uint8_t* p, int64_t stride, uint8_t* out) {
+  __m256i v[4];
+  for (int j = 0; j < 4; ++j)
+    v[j] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + (j + 4) * stride),
+                               reinterpret_cast<const __m128i*>(p + j * stride));
+  const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+  __m256i* o = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(o, _mm256_unpacklo_epi64(t0, t2));
+  _mm256_storeu_si256(o + 1, _mm256_unpackhi_epi64(t0, t2));
+  _mm256_storeu_si256(o + 2, _mm256_unpacklo_epi64(t1, t3));
+  _mm256_storeu_si256(o + 3, _mm256_unpackhi_epi64(t1, t3));
+}
+
 // Four activation bytes broadcast to every 32-bit lane.
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
