@@ -41,7 +41,10 @@ inline int64_t x_at(int64_t b) { return 64 * (b >> 1) + 16 * (b & 1); }
 
 struct Panel {
   std::vector<uint8_t> u;   // 256 bytes a block
-  std::vector<float> sc, c; // the eight rows' scales and min-term factors, 8 a block
+  std::vector<float> sc, c; // the eight rows' scales and mins, 8 a block (c empty: no mins)
+  // the min-term factors: the mins, or without them the scales (times -8 in s, the factor
+  // the activations bring)
+  const float* min_term() const { return c.empty() ? sc.data() : c.data(); }
 };
 
 // Rows n..n+7 of w into pn.
@@ -53,9 +56,9 @@ void pack(const Weights& w, int64_t n, Panel& pn) {
   const S* m = kMin ? static_cast<const S*>(w.min) + n * w.nwb : nullptr;
   pn.u.resize(256 * nb);
   pn.sc.resize(8 * nb);
-  pn.c.resize(8 * nb);
   rows8_scales(s, w.nwb, nb, pn.sc.data());
-  rows8_scales(kMin ? m : s, w.nwb, nb, pn.c.data());
+  pn.c.resize(kMin ? 8 * nb : 0);
+  if (kMin) rows8_scales(m, w.nwb, nb, pn.c.data());
   const Prefetch ahead(r, 8 * rb, nb);
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
@@ -85,6 +88,8 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
   for (int p = 0; p < P; ++p)
     for (int t = 0; t < MR; ++t)
       for (int k = 0; k < 8; ++k) part[p][t][k] = _mm256_setzero_ps();
+  const float* mt[P];
+  for (int p = 0; p < P; ++p) mt[p] = pn[p].min_term();
   for (int64_t b = 0; b < nb; ++b) {
     const int k = static_cast<int>(b & 7);
     const int8_t* x = xq + t0 * K + x_at(b);
@@ -108,7 +113,7 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
       }
     }
     for (int p = 0; p < P; ++p) {
-      const __m256 sc = _mm256_loadu_ps(&pn[p].sc[8 * b]), c = _mm256_loadu_ps(&pn[p].c[8 * b]);
+      const __m256 sc = _mm256_loadu_ps(&pn[p].sc[8 * b]), c = _mm256_loadu_ps(mt[p] + 8 * b);
 #pragma GCC unroll 4
       for (int t = 0; t < MR; ++t) {
         const int64_t i = (t0 + t) * ld + b;

@@ -583,7 +583,8 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
     a.s = s.data();
   }
   int64_t n0 = 0;  // rows done by the panel kernel
-  if (a.s && lds == ld && int4_panel_format(w, T)) n0 = int4_panel_matmul(w, a.q, a.d, a.s, ld, T, y, ldy);
+  // (its format has one scale per block of 32, so lds == ld)
+  if (a.s && int4_panel_format(w, T)) n0 = int4_panel_matmul(w, a.q, a.d, a.s, ld, T, y, ldy);
   if (n0 == w.N) return;
   std::vector<float> dp, sp;
   if (w.bits == 4) {
