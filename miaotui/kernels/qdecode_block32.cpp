@@ -37,8 +37,6 @@
 namespace miaotui {
 namespace {
 
-inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
 // The activations as quantize_acts leaves them (plain order); rows of dx and bsum ld apart,
 // zeros past the last block.
 struct Xq {

@@ -34,7 +34,6 @@
 namespace miaotui {
 namespace {
 
-
 // Where block b's activation values 0..15 start (values 16..31 are 32 bytes on): int4
 // activations are stored by pairs of blocks, [b 0..15, b+1 0..15, b 16..31, b+1 16..31].
 inline int64_t x_at(int64_t b) { return 64 * (b >> 1) + 16 * (b & 1); }
@@ -101,7 +100,7 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
         __m256i c[P];
-        for (int p = 0; p < P; ++p) c[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&pn[p].u[256 * b + 32 * (4 * h + g)]));
+        for (int p = 0; p < P; ++p) c[p] = load32(&pn[p].u[256 * b + 32 * (4 * h + g)]);
 #pragma GCC unroll 4
         for (int t = 0; t < MR; ++t) {
           const __m256i xb = bcast4(x + t * K + 32 * h + 4 * g);

@@ -57,10 +57,6 @@
 namespace miaotui {
 namespace {
 
-inline __m256i load32(const void* p) {
-  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-}
-
 // Sum of w * x over a block of 32, as 8 int32 partial sums (lane i: values 4i..4i+3).
 // maddubs multiplies unsigned by signed bytes: 4-bit values are unsigned already; for
 // int8 weights the sign moves onto x (|w| * (x * sign w)).

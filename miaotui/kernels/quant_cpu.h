@@ -133,6 +133,8 @@ void rows8_scales(const S* s, int64_t nwb, int64_t nb, float* out) {
     for (int j = 0; j < 8; ++j) out[8 * b + j] = to_float(s[j * nwb + b]);
 }
 
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 // Rows j = 0..7's 16 bytes at p + j * stride as four vectors, lane j of out[g] holding
 // row j's bytes 4g..4g+3.
 inline void transpose_rows8(const uint8_t* p, int64_t stride, uint8_t* out) {
