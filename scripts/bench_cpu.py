@@ -300,8 +300,15 @@ def run_batched(args, shape: str, qt: str, path: str, vocab: int) -> list[dict]:
             row[f"miaotui{sfx}_tok_s"] = median_of(mt[sfx], lambda x: x[n]["speed"])
             row[f"miaotui{sfx}_rounds"] = [x[n] for x in mt[sfx]]
             row[f"ratio{sfx}"] = row[f"miaotui{sfx}_tok_s"] / row["llama_cpp_tok_s"]
+            row[f"ratio{sfx}_paired"] = paired_ratio(row[f"miaotui{sfx}_rounds"], row["llama_cpp_rounds"])
         rows.append(row)
     return rows
+
+
+def paired_ratio(ours: list[dict], theirs: list[dict]) -> float:
+    """The median over rounds of miaotui's speed over llama.cpp's in the same round: on a
+    host whose speed drifts between rounds, each round's engines saw about the same machine."""
+    return statistics.median(a["speed"] / b["speed"] for a, b in zip(ours, theirs))
 
 
 def plot_depth(rows: list[dict], png: str) -> None:
@@ -343,7 +350,8 @@ def tools_main(args) -> None:
             llama_tools.check_tool(getattr(args, flag), "--" + flag.replace("_", "-"))
     if args.llama_quantize:
         llama_tools.check_tool(args.llama_quantize, "--llama-quantize")
-    result = {"env": environment(), "args": vars(args), "files": {}, "depth": [], "prefill": [], "batched": []}
+    result = {"env": environment(), "args": vars(args), "files": {}, "depth": [], "prefill": [], "batched": [],
+              "llama_cpp_build": llama_tools.build_config(args.llama_batched_bench or args.llama_bench)}
     busy = start_busy(args.busy)
     try:
         _tools_runs(args, suites, result)
@@ -392,7 +400,10 @@ def _tools_runs(args, suites: list[str], result: dict) -> None:
                 result["batched"] += rows
                 for r in rows:
                     print(f"{shape:15s} {qt:5s} npl {r['npl']:2d}: miaotui {r['miaotui_tok_s']:7.1f} llama.cpp "
-                          f"{r['llama_cpp_tok_s']:7.1f} total tok/s ({r['ratio']:.2f}x)", flush=True)
+                          f"{r['llama_cpp_tok_s']:7.1f} total tok/s ({r['ratio']:.2f}x, paired by round "
+                          f"{r['ratio_paired']:.2f}x)" + (f"; --prefill-int8 {r['miaotui_int8_tok_s']:7.1f} "
+                                                         f"({r['ratio_int8']:.2f}x, paired {r['ratio_int8_paired']:.2f}x)"
+                                                         if "ratio_int8" in r else ""), flush=True)
                 save()
     if args.plot and result["depth"]:
         plot_depth(result["depth"], args.plot)

@@ -64,6 +64,16 @@ def test_bad_tool_path_and_failing_tool(tmp_path):
         llama_tools._run(["false"], timeout=10)
 
 
+def test_build_config_reads_the_isa_options_of_the_build_tree(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "CMakeCache.txt").write_text(
+        "GGML_NATIVE:BOOL=OFF\nGGML_AVX2:BOOL=ON\nGGML_AVX512_VNNI:BOOL=OFF\nGGML_CUDA:BOOL=OFF\n"
+        "CMAKE_BUILD_TYPE:STRING=Release\n")
+    assert llama_tools.build_config(str(tmp_path / "bin" / "llama-batched-bench")) == {
+        "GGML_NATIVE": "OFF", "GGML_AVX2": "ON", "GGML_AVX512_VNNI": "OFF"}
+    assert llama_tools.build_config(str(tmp_path / "bin" / "sub" / "llama-bench")) == {}
+
+
 LLAMA_BIN = os.environ.get("MIAOTUI_LLAMA_BIN")
 
 
@@ -153,7 +163,9 @@ def test_bench_cpu_batched_rows_hold_each_miaotui_variant(qt, monkeypatch):
     for r in rows:
         assert len(r["llama_cpp_rounds"]) == len(r["miaotui_rounds"]) == 3
         assert r["ratio"] == r["miaotui_tok_s"] / r["llama_cpp_tok_s"]
-        assert ("ratio_int8" in r) == want_qt
+        per_round = sorted(m["speed"] / l["speed"] for m, l in zip(r["miaotui_rounds"], r["llama_cpp_rounds"]))
+        assert r["ratio_paired"] == per_round[1]   # each round's engines side by side, then the median
+        assert ("ratio_int8" in r) == want_qt and ("ratio_int8_paired" in r) == want_qt
         if want_qt:
             assert r["miaotui_int8_tok_s"] == sorted(x["speed"] for x in r["miaotui_int8_rounds"])[1]
             assert r["miaotui_int8_tok_s"] != r["miaotui_tok_s"]

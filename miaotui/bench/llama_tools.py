@@ -33,6 +33,28 @@ def check_tool(path: str, name: str) -> str:
     return path
 
 
+def build_config(binary: str) -> dict:
+    """The instruction-set options (GGML_NATIVE, GGML_AVX2, GGML_AVX512...) the tool was
+    configured with, read from the CMakeCache.txt of the build tree it sits in (build/bin/..);
+    {} for a tool that is not in one. The tools do not print which ISA they were built for,
+    and on a CPU with AVX-512 a native build and an AVX2 build are different baselines."""
+    cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(binary))), "CMakeCache.txt")
+    opts = {}
+    try:
+        with open(cache) as f:
+            for line in f:
+                name, _, value = line.strip().partition("=")
+                name = name.split(":")[0]
+                if name.startswith("GGML_") and name[5:].split("_")[0] in ISA_OPTIONS:
+                    opts[name] = value
+    except OSError:
+        pass
+    return opts
+
+
+ISA_OPTIONS = ("NATIVE", "AVX", "AVX2", "AVX512", "AVX_VNNI", "FMA", "F16C", "BMI2", "AMX")
+
+
 def _run(cmd: list[str], timeout: float | None) -> str:
     try:
         p = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, timeout=timeout)

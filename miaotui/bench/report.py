@@ -19,6 +19,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_ENV = ("MIAOTUI_NO_AVX512", "MIAOTUI_NO_VNNI", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+           "ONEDNN_MAX_CPU_ISA")
+
+
 def environment() -> dict:
     import torch
     try:
@@ -35,6 +39,9 @@ def environment() -> dict:
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "loadavg_1m": os.getloadavg()[0],
             "avx2": " avx2" in flags, "avx512f": " avx512f" in flags,
+            "avx512_vnni": " avx512_vnni" in flags,
+            # what the run was told to leave out of this CPU's instruction sets, if anything
+            "isa_limits": {k: v for k, v in os.environ.items() if k in ISA_ENV},
             "python": platform.python_version(), "torch": torch.__version__,
             "miaotui": miaotui_version, "platform": platform.platform(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
