@@ -70,17 +70,34 @@ def test_quantized_matmuls(k, w):
     _invariant(lambda a: k.qmatmul(a, *w._kernel_args()), xp)  # decode: int8 activations
 
 
-@pytest.mark.parametrize("w", [Q.quantize_int4(torch.randn(70, 576), 32, False),   # a min, g32
-                               Q.quantize_int4(torch.randn(40, 128), 64, True),    # symmetric (offset 8)
-                               Q.quantize_int4(torch.randn(9, 96), 32, True)],     # an odd last block
-                         ids=["int4g32", "int4g64sym", "int4odd"])
-def test_int4_decode_matmul_same_bits_without_vnni(k, w, monkeypatch):
-    """AVX-VNNI's dot products (where the CPU has them) give the integer sums of
-    maddubs + madd, so the same bits; MIAOTUI_NO_VNNI=1 switches them off."""
-    x = torch.randn(13, w.padded_in)
-    with_vnni = k.qmatmul(x, *w._kernel_args())
-    monkeypatch.setenv("MIAOTUI_NO_VNNI", "1")
-    assert torch.equal(k.qmatmul(x, *w._kernel_args()), with_vnni)
+def _vnni_cases():
+    """Weights of every decode kernel that can take vpdpbusd: int4 in groups of 32 and 64
+    (the row kernel; groups of 32 also the panel kernel) and the block32 formats."""
+    out = [("int4g32", Q.quantize_int4(torch.randn(70, 576), 32, False)),   # a min, g32
+           ("int4g64sym", Q.quantize_int4(torch.randn(40, 128), 64, True)),  # symmetric (offset 8)
+           ("int4odd", Q.quantize_int4(torch.randn(9, 96), 32, True))]       # an odd last block
+    return out + [(n, w) for n, w in BLOCK32 if "16x576" in n or "21x96" in n]
+
+
+@pytest.mark.parametrize("T", [3, 20], ids=["row kernels", "panel kernels"])
+def test_decode_matmuls_same_bits_without_vnni(k, T, monkeypatch):
+    """vpdpbusd (AVX-VNNI, or AVX-512 VNNI on 256-bit vectors) gives the integer sums of
+    maddubs + madd, so the same bits; MIAOTUI_NO_VNNI=1 switches it off (and
+    MIAOTUI_NO_AVX512=1 its AVX-512 form). Skipped on a CPU without either."""
+    if k.decode_dot() == "avx2":
+        pytest.skip("this CPU has neither AVX-VNNI nor AVX-512 VNNI")
+    kind = k.decode_dot()
+    for name, w in _vnni_cases():
+        x = torch.randn(T, w.padded_in, generator=torch.Generator().manual_seed(T))
+        with_vnni = k.qmatmul(x, *w._kernel_args())
+        monkeypatch.setenv("MIAOTUI_NO_VNNI", "1")
+        assert k.decode_dot() == "avx2"
+        assert torch.equal(k.qmatmul(x, *w._kernel_args()), with_vnni), name
+        monkeypatch.delenv("MIAOTUI_NO_VNNI")
+        monkeypatch.setenv("MIAOTUI_NO_AVX512", "1")
+        assert k.decode_dot() == ("avx-vnni" if kind == "avx-vnni" else "avx2")
+        assert torch.equal(k.qmatmul(x, *w._kernel_args()), with_vnni), name
+        monkeypatch.delenv("MIAOTUI_NO_AVX512")
 
 
 @pytest.mark.parametrize("K,N,T", [(576, 1536, 40), (37, 50, 30), (64, 7, 13), (200, 33, 25), (2048, 70, 3)])

@@ -22,7 +22,8 @@
 // bytes against each panel vector, output rows in the lanes: no horizontal sums, each
 // weight byte read from memory once per call. Blocks are visited by residue (0, 8, 16, ...,
 // then 1, 9, ...) so that one vector per token carries a_k of eight rows. Rows past the
-// last multiple of eight take a scalar loop with the same steps.
+// last multiple of eight take a scalar loop with the same steps. Both kernels take the
+// integer sums from vpdpbusd where the CPU has it (quant_cpu.h's Dot: the same integers).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -71,7 +72,7 @@ __attribute__((always_inline)) inline __m256i block_q(const Weights& w, const ui
 }
 
 // Tokens t0..t0+TM-1 (TM <= 4), rows n0..n1, each row's weights loaded once for them.
-template <bool kQ5, bool kMin, typename S, int TM>
+template <bool kQ5, bool kMin, typename S, int TM, Dot D>
 void row_tokens(const Weights& w, const Xq& a, int64_t n0, int64_t n1, int64_t t0, float* y, int64_t ldy) {
   const int64_t nb = w.K / 32, rb = w.row_bytes, K = w.K;
   constexpr int64_t per_group = 8 * (kQ5 ? 20 : 32);  // bytes of eight blocks
@@ -98,7 +99,8 @@ void row_tokens(const Weights& w, const Xq& a, int64_t n0, int64_t n1, int64_t t
       };
       auto dot = [&](__m256i q, int t, int64_t b) {  // 8 int32 partial sums of block b
         const __m256i x = load32(a.q + (t0 + t) * K + 32 * b);
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
+        if constexpr (D != Dot::kAvx2) return dpbusd<D>(zero, _mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+        else return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
       };
       __m256i q[8];
 #pragma GCC unroll 8
@@ -164,7 +166,7 @@ void pack(const Weights& w, int64_t n, Panel& pn) {
 }
 
 // Tokens t0..t0+MR-1 against a panel (rows n..n+7), blocks by residue.
-template <bool kMin, int MR>
+template <bool kMin, int MR, Dot D>
 void tile(const Panel& pn, const Xq& a, int64_t t0, int64_t n, float* y, int64_t ldy) {
   const int64_t nb = a.K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
@@ -185,7 +187,8 @@ void tile(const Panel& pn, const Xq& a, int64_t t0, int64_t n, float* y, int64_t
 #pragma GCC unroll 4
         for (int t = 0; t < MR; ++t) {
           const __m256i xs = _mm256_sign_epi8(bcast4(x + t * a.K + 4 * g), c);
-          dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
+          if constexpr (D != Dot::kAvx2) dot[t] = dpbusd<D>(dot[t], wa, xs);
+          else dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), ones));
         }
       }
       const __m256 sc = _mm256_loadu_ps(&pn.st.sc[8 * b]);
@@ -236,16 +239,16 @@ void row_scalar(const Weights& w, const Xq& a, int64_t T, int64_t n, float* y, i
 // From this many tokens on the panel kernel (its repack pays for itself), below it the row one.
 constexpr int64_t kPanelTokens = 16;
 
-template <bool kQ5, bool kMin, typename S>
+template <bool kQ5, bool kMin, typename S, Dot D>
 void run(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
   if (T < kPanelTokens) {
     parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4) row_tokens<kQ5, kMin, S, 4>(w, a, n0, n1, t, y, ldy);
+      for (; t + 4 <= T; t += 4) row_tokens<kQ5, kMin, S, 4, D>(w, a, n0, n1, t, y, ldy);
       switch (T - t) {
-        case 1: row_tokens<kQ5, kMin, S, 1>(w, a, n0, n1, t, y, ldy); break;
-        case 2: row_tokens<kQ5, kMin, S, 2>(w, a, n0, n1, t, y, ldy); break;
-        case 3: row_tokens<kQ5, kMin, S, 3>(w, a, n0, n1, t, y, ldy); break;
+        case 1: row_tokens<kQ5, kMin, S, 1, D>(w, a, n0, n1, t, y, ldy); break;
+        case 2: row_tokens<kQ5, kMin, S, 2, D>(w, a, n0, n1, t, y, ldy); break;
+        case 3: row_tokens<kQ5, kMin, S, 3, D>(w, a, n0, n1, t, y, ldy); break;
         default: break;
       }
     });
@@ -261,24 +264,33 @@ void run(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
       }
       pack<kQ5, kMin, S>(w, 8 * g, pn);
       int64_t t = 0;
-      for (; t + 4 <= T; t += 4) tile<kMin, 4>(pn, a, t, 8 * g, y, ldy);
+      for (; t + 4 <= T; t += 4) tile<kMin, 4, D>(pn, a, t, 8 * g, y, ldy);
       switch (T - t) {
-        case 1: tile<kMin, 1>(pn, a, t, 8 * g, y, ldy); break;
-        case 2: tile<kMin, 2>(pn, a, t, 8 * g, y, ldy); break;
-        case 3: tile<kMin, 3>(pn, a, t, 8 * g, y, ldy); break;
+        case 1: tile<kMin, 1, D>(pn, a, t, 8 * g, y, ldy); break;
+        case 2: tile<kMin, 2, D>(pn, a, t, 8 * g, y, ldy); break;
+        case 3: tile<kMin, 3, D>(pn, a, t, 8 * g, y, ldy); break;
         default: break;
       }
     }
   });
 }
 
-template <typename S>
+template <typename S, Dot D>
 void dispatch(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
   const bool q5 = w.bits == 5;
-  if (q5 && w.min) run<true, true, S>(w, a, T, y, ldy);
-  else if (q5) run<true, false, S>(w, a, T, y, ldy);
-  else if (w.min) run<false, true, S>(w, a, T, y, ldy);
-  else run<false, false, S>(w, a, T, y, ldy);
+  if (q5 && w.min) run<true, true, S, D>(w, a, T, y, ldy);
+  else if (q5) run<true, false, S, D>(w, a, T, y, ldy);
+  else if (w.min) run<false, true, S, D>(w, a, T, y, ldy);
+  else run<false, false, S, D>(w, a, T, y, ldy);
+}
+
+template <typename S>
+void dispatch(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
+  switch (dot_kind()) {
+    case Dot::kVex: dispatch<S, Dot::kVex>(w, a, T, y, ldy); break;
+    case Dot::kEvex: dispatch<S, Dot::kEvex>(w, a, T, y, ldy); break;
+    default: dispatch<S, Dot::kAvx2>(w, a, T, y, ldy); break;
+  }
 }
 
 }  // namespace

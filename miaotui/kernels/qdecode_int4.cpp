@@ -20,7 +20,8 @@
 // against two panels (sixteen rows) broadcasts four activation bytes and meets both panels'
 // vectors with them: the nibbles are unsigned, so vpmaddubsw takes them as they are, and a
 // block's eight products add as int16 (at most 8 * 2 * 15 * 128 < 2^15) before one
-// vpmaddwd; no horizontal sums. Blocks in order, R_0..R_7 of each panel row kept per token.
+// vpmaddwd (with VNNI, vpdpbusd adds the same products straight into int32); no
+// horizontal sums. Blocks in order, R_0..R_7 of each panel row kept per token.
 // From kInt4PanelTokens (8) tokens on; on a SmolLM2 decode step's Q4_0 matmuls 1.2x the row
 // kernel at 8 tokens and 1.4-1.6x at 16 (docs/benchmarks.md).
 #include <immintrin.h>
@@ -78,9 +79,10 @@ void pack(const Weights& w, int64_t n, Panel& pn) {
 // bytes meets P panel vectors (P = 2 halves the broadcasts, which compete with the panel
 // loads for the load ports). xq in the paired order; dx and s (the min-term factor) rows ld
 // apart, plain block order. Blocks in order, block b's steps going to R_(b mod 8).
-template <int P, int MR>
+template <int P, int MR, Dot D>
 void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, int64_t ld, int64_t K,
           int64_t t0, int64_t n, float* y, int64_t ldy) {
+  constexpr bool kVnni = D != Dot::kAvx2;
   const int64_t nb = K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 part[P][MR][8];  // R_k of each panel's eight rows
@@ -92,7 +94,7 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
   for (int64_t b = 0; b < nb; ++b) {
     const int k = static_cast<int>(b & 7);
     const int8_t* x = xq + t0 * K + x_at(b);
-    __m256i d16[P][MR];
+    __m256i d16[P][MR];  // the block's sums: int16 (maddubs) or, with VNNI, int32
     for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
       for (int t = 0; t < MR; ++t) d16[p][t] = _mm256_setzero_si256();
@@ -105,8 +107,12 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
         for (int t = 0; t < MR; ++t) {
           const __m256i xb = bcast4(x + t * K + 32 * h + 4 * g);
           for (int p = 0; p < P; ++p) {
-            d16[p][t] = _mm256_add_epi16(d16[p][t], _mm256_maddubs_epi16(c[p], xb));
-            asm("" : "+x"(d16[p][t]));  // keeps the adds a chain (GCC otherwise reorders them into a tree, all products first)
+            if constexpr (kVnni) {
+              d16[p][t] = dpbusd<D>(d16[p][t], c[p], xb);  // int32 sums here
+            } else {
+              d16[p][t] = _mm256_add_epi16(d16[p][t], _mm256_maddubs_epi16(c[p], xb));
+              asm("" : "+x"(d16[p][t]));  // keeps the adds a chain (GCC otherwise reorders them into a tree, all products first)
+            }
           }
         }
       }
@@ -116,7 +122,7 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
 #pragma GCC unroll 4
       for (int t = 0; t < MR; ++t) {
         const int64_t i = (t0 + t) * ld + b;
-        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(d16[p][t], ones));
+        const __m256 d = _mm256_cvtepi32_ps(kVnni ? d16[p][t] : _mm256_madd_epi16(d16[p][t], ones));
         const __m256 acc = _mm256_fmadd_ps(d, _mm256_mul_ps(sc, _mm256_set1_ps(dx[i])), part[p][t][k]);
         part[p][t][k] = _mm256_fmadd_ps(c, _mm256_set1_ps(s[i]), acc);
       }
@@ -132,21 +138,21 @@ void tile(const Panel* pn, const int8_t* xq, const float* dx, const float* s, in
     }
 }
 
-template <int P>
+template <int P, Dot D>
 void tiles(const Panel* pn, const int8_t* xq, const float* dx, const float* s, int64_t ld, int64_t K, int64_t T,
            int64_t n, float* y, int64_t ldy) {
   int64_t t = 0;
-  for (; t + 4 <= T; t += 4) tile<P, 4>(pn, xq, dx, s, ld, K, t, n, y, ldy);
+  for (; t + 4 <= T; t += 4) tile<P, 4, D>(pn, xq, dx, s, ld, K, t, n, y, ldy);
   switch (T - t) {
-    case 1: tile<P, 1>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
-    case 2: tile<P, 2>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
-    case 3: tile<P, 3>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
+    case 1: tile<P, 1, D>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
+    case 2: tile<P, 2, D>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
+    case 3: tile<P, 3, D>(pn, xq, dx, s, ld, K, t, n, y, ldy); break;
     default: break;
   }
 }
 
 // Rows 0..8 * groups - 1, sixteen at a time (eight for an odd last group).
-template <bool kMin, typename S>
+template <bool kMin, typename S, Dot D>
 void run(const Weights& w, const int8_t* xq, const float* dx, const float* s, int64_t ld, int64_t T,
          int64_t groups, float* y, int64_t ldy) {
   parallel_rows((groups + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
@@ -156,12 +162,24 @@ void run(const Weights& w, const int8_t* xq, const float* dx, const float* s, in
       pack<kMin, S>(w, n, pn[0]);
       if (n + 16 <= 8 * groups) {
         pack<kMin, S>(w, n + 8, pn[1]);
-        tiles<2>(pn, xq, dx, s, ld, w.K, T, n, y, ldy);
+        tiles<2, D>(pn, xq, dx, s, ld, w.K, T, n, y, ldy);
       } else {
-        tiles<1>(pn, xq, dx, s, ld, w.K, T, n, y, ldy);
+        tiles<1, D>(pn, xq, dx, s, ld, w.K, T, n, y, ldy);
       }
     }
   });
+}
+
+template <Dot D>
+void dispatch(const Weights& w, const int8_t* xq, const float* dx, const float* s, int64_t ld, int64_t T,
+              int64_t groups, float* y, int64_t ldy) {
+  if (w.half) {
+    if (w.min) run<true, half_t, D>(w, xq, dx, s, ld, T, groups, y, ldy);
+    else run<false, half_t, D>(w, xq, dx, s, ld, T, groups, y, ldy);
+  } else {
+    if (w.min) run<true, float, D>(w, xq, dx, s, ld, T, groups, y, ldy);
+    else run<false, float, D>(w, xq, dx, s, ld, T, groups, y, ldy);
+  }
 }
 
 }  // namespace
@@ -175,12 +193,10 @@ bool int4_panel_format(const Weights& w, int64_t T) {
 int64_t int4_panel_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* s, int64_t ld,
                           int64_t T, float* y, int64_t ldy) {
   const int64_t groups = w.N / 8;
-  if (w.half) {
-    if (w.min) run<true, half_t>(w, xq, dx, s, ld, T, groups, y, ldy);
-    else run<false, half_t>(w, xq, dx, s, ld, T, groups, y, ldy);
-  } else {
-    if (w.min) run<true, float>(w, xq, dx, s, ld, T, groups, y, ldy);
-    else run<false, float>(w, xq, dx, s, ld, T, groups, y, ldy);
+  switch (dot_kind()) {
+    case Dot::kVex: dispatch<Dot::kVex>(w, xq, dx, s, ld, T, groups, y, ldy); break;
+    case Dot::kEvex: dispatch<Dot::kEvex>(w, xq, dx, s, ld, T, groups, y, ldy); break;
+    default: dispatch<Dot::kAvx2>(w, xq, dx, s, ld, T, groups, y, ldy); break;
   }
   return 8 * groups;
 }

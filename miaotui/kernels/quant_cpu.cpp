@@ -67,24 +67,26 @@ inline __m256i dot_s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
                            _mm256_set1_epi16(1));
 }
-// acc + the dot products of four u8 x s8 byte pairs per int32 lane, in one AVX-VNNI
-// instruction (what maddubs + madd give when no int16 sum saturates: the same integers).
-// Inline assembly, so the file needs no -mavxvnni; run only where has_vnni() says so.
-inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
-  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
-  return acc;
+}  // namespace
+
+// AVX-VNNI: CPUID leaf 7, subleaf 1, EAX bit 4; AVX-512 VNNI on 256-bit vectors: avx512vnni
+// and avx512vl.
+Dot dot_kind() {
+  static const Dot cpu = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1)) return Dot::kVex;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Dot::kEvex;
+    return Dot::kAvx2;
+  }();
+  auto set = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v && *v && v[0] != '0';
+  };
+  if (set("MIAOTUI_NO_VNNI") || (cpu == Dot::kEvex && set("MIAOTUI_NO_AVX512"))) return Dot::kAvx2;
+  return cpu;
 }
 
-// AVX-VNNI (CPUID leaf 7, subleaf 1, EAX bit 4), unless MIAOTUI_NO_VNNI is set (read on
-// every call, so a test can compare both paths in one process).
-bool has_vnni() {
-  static const bool cpu = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
-  }();
-  const char* off = std::getenv("MIAOTUI_NO_VNNI");
-  return cpu && !(off && *off && off[0] != '0');
-}
+namespace {
 
 inline int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -333,10 +335,10 @@ __attribute__((always_inline)) inline __m256 scales_part(const S* s, int64_t b, 
 // acc. Their integer dot products are reduced to one vector of (up to) eight sums, scaled
 // by eight (weight scale * dx) products and accumulated with one FMA; with scale blocks of
 // 32 the min/offset term rides along (one more FMA). Called with m = 8 for whole groups
-// and once with a smaller m for the rest of a row, whose missing lanes are zeros. kVnni: int4
-// sums by AVX-VNNI (the same integers).
+// and once with a smaller m for the rest of a row, whose missing lanes are zeros. kDot: int4
+// sums by vpdpbusd where the CPU has it (the same integers; quant_cpu.h).
 // kM: m known at compile time (a row's short rest), so the blocks past m cost nothing.
-template <bool kInt4, bool kB16, typename S, int TM, bool kVnni, int kM = 0>
+template <bool kInt4, bool kB16, typename S, int TM, Dot kDot, int kM = 0>
 __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a, const uint8_t* wq,
                                                  const S* ws, const S* wm, int64_t b, int m,
                                                  bool inline_min, int64_t t0, __m256 (&acc)[TM]) {
@@ -366,8 +368,8 @@ __attribute__((always_inline)) inline void group(const Weights& w, const Acts& a
       __m256i r[4];
       for (int i = 0; i < 4; ++i) {
         if (i >= pairs) r[i] = zero;
-        else if constexpr (kVnni)
-          r[i] = dpbusd(dpbusd(zero, lo[i], load32(xq + 64 * i)), hi[i], load32(xq + 64 * i + 32));
+        else if constexpr (kDot != Dot::kAvx2)
+          r[i] = dpbusd<kDot>(dpbusd<kDot>(zero, lo[i], load32(xq + 64 * i)), hi[i], load32(xq + 64 * i + 32));
         else
           r[i] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], load32(xq + 64 * i)),
                                                     _mm256_maddubs_epi16(hi[i], load32(xq + 64 * i + 32))),
@@ -440,7 +442,7 @@ __attribute__((always_inline)) inline void group4_int8(const Weights& w, const A
 // kInlineMin: the min/offset term rides in the groups (one scale per block; see run_rows).
 // A compile-time flag: tested at run time inside the token loop it left the four
 // accumulators of a 4-token tile on the stack, each group's FMA waiting on a store.
-template <bool kInt4, bool kB16, typename S, int TM, bool kVnni, bool kInlineMin>
+template <bool kInt4, bool kB16, typename S, int TM, Dot kDot, bool kInlineMin>
 void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1,
               int64_t t0) {
   const int64_t K = w.K, nb = K / 32;
@@ -455,20 +457,20 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
     for (int64_t b = 0; b < full; b += 8) {
       const char* ahead = reinterpret_cast<const char*>(wq) + (kInt4 ? 16 : 32) * b + kPrefetchBytes;
       for (int l = 0; l < (kInt4 ? 2 : 4); ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
-      group<kInt4, kB16, S, TM, kVnni>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kDot>(w, a, wq, ws, wm, b, 8, inline_min, t0, acc);
     }
     if constexpr (!kInt4) {
       if (rest && rest <= 4) {
         group4_int8<kB16, S, TM>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       } else if (rest) {
-        group<kInt4, kB16, S, TM, kVnni>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
+        group<kInt4, kB16, S, TM, kDot>(w, a, wq, ws, wm, full, static_cast<int>(rest), inline_min, t0, acc);
       }
     } else if (rest == 2) {  // int4: a rest of 2, 4 or 6 blocks, m fixed at compile time (~9% at K = 576)
-      group<kInt4, kB16, S, TM, kVnni, 2>(w, a, wq, ws, wm, full, 2, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kDot, 2>(w, a, wq, ws, wm, full, 2, inline_min, t0, acc);
     } else if (rest == 4) {
-      group<kInt4, kB16, S, TM, kVnni, 4>(w, a, wq, ws, wm, full, 4, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kDot, 4>(w, a, wq, ws, wm, full, 4, inline_min, t0, acc);
     } else if (rest) {
-      group<kInt4, kB16, S, TM, kVnni, 6>(w, a, wq, ws, wm, full, 6, inline_min, t0, acc);
+      group<kInt4, kB16, S, TM, kDot, 6>(w, a, wq, ws, wm, full, 6, inline_min, t0, acc);
     }
     float r[TM];
     for (int t = 0; t < TM; ++t) r[t] = hsum(acc[t]);
@@ -489,18 +491,18 @@ void dot_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t n0
   }
 }
 
-template <bool kInt4, bool kB16, typename S, bool kVnni, bool kInlineMin>
+template <bool kInt4, bool kB16, typename S, Dot kDot, bool kInlineMin>
 void tile_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t c0, int64_t c1,
                int64_t t0) {
   switch (std::min<int64_t>(4, T - t0)) {
-    case 1: dot_rows<kInt4, kB16, S, 1, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    case 2: dot_rows<kInt4, kB16, S, 2, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    case 3: dot_rows<kInt4, kB16, S, 3, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
-    default: dot_rows<kInt4, kB16, S, 4, kVnni, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 1: dot_rows<kInt4, kB16, S, 1, kDot, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 2: dot_rows<kInt4, kB16, S, 2, kDot, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    case 3: dot_rows<kInt4, kB16, S, 3, kDot, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
+    default: dot_rows<kInt4, kB16, S, 4, kDot, kInlineMin>(w, a, y, ldy, c0, c1, t0); break;
   }
 }
 
-template <bool kInt4, bool kB16, typename S, bool kVnni = false>
+template <bool kInt4, bool kB16, typename S, Dot kDot = Dot::kAvx2>
 void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T, int64_t n0,
               int64_t n1) {
   // Rows in chunks that stay in L2 while every tile of (up to) 4 tokens passes over them.
@@ -508,8 +510,8 @@ void run_rows(const Weights& w, const Acts& a, float* y, int64_t ldy, int64_t T,
   for (int64_t c0 = n0; c0 < n1; c0 += chunk) {
     const int64_t c1 = std::min(n1, c0 + chunk);
     for (int64_t t0 = 0; t0 < T; t0 += 4) {
-      if (a.s && !kB16 && w.shift == 0) tile_rows<kInt4, kB16, S, kVnni, true>(w, a, y, ldy, T, c0, c1, t0);
-      else tile_rows<kInt4, kB16, S, kVnni, false>(w, a, y, ldy, T, c0, c1, t0);
+      if (a.s && !kB16 && w.shift == 0) tile_rows<kInt4, kB16, S, kDot, true>(w, a, y, ldy, T, c0, c1, t0);
+      else tile_rows<kInt4, kB16, S, kDot, false>(w, a, y, ldy, T, c0, c1, t0);
     }
   }
 }
@@ -591,12 +593,15 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
       a.sp = sp.data();
     }
   }
-  const bool vnni = has_vnni();
+  const Dot dot = dot_kind();
   parallel_rows(w.N - n0, 16, [&](int64_t i0, int64_t i1) {
     const int64_t r0 = n0 + i0, r1 = n0 + i1;
-    if (w.bits == 4 && vnni) {  // int4: the same integer sums by AVX-VNNI
-      if (w.half) run_rows<true, false, half_t, true>(w, a, y, ldy, T, r0, r1);
-      else run_rows<true, false, float, true>(w, a, y, ldy, T, r0, r1);
+    if (w.bits == 4 && dot == Dot::kVex) {  // int4: the same integer sums by vpdpbusd
+      if (w.half) run_rows<true, false, half_t, Dot::kVex>(w, a, y, ldy, T, r0, r1);
+      else run_rows<true, false, float, Dot::kVex>(w, a, y, ldy, T, r0, r1);
+    } else if (w.bits == 4 && dot == Dot::kEvex) {
+      if (w.half) run_rows<true, false, half_t, Dot::kEvex>(w, a, y, ldy, T, r0, r1);
+      else run_rows<true, false, float, Dot::kEvex>(w, a, y, ldy, T, r0, r1);
     } else if (w.bits == 4) {
       if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, r0, r1);
       else run_rows<true, false, float>(w, a, y, ldy, T, r0, r1);
@@ -847,6 +852,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "x @ W.T with int8-quantized activations", no_gil());
   m.def("qgemm_int8", &qgemm_int8, "x @ W.T with int8 activations, prompt tokens (VNNI GEMM)", no_gil());
   m.def("has_vnni", &use_vnni, "whether qgemm_int8 runs the AVX-512 VNNI GEMM");
+  m.def("decode_dot", [] {
+    const Dot d = dot_kind();
+    return std::string(d == Dot::kVex ? "avx-vnni" : d == Dot::kEvex ? "avx512-vnni" : "avx2");
+  }, "the instruction the decode kernels take their int8 dot products from");
   m.def("dequant", &dequant, "float32 rows n0..n1 of a quantized weight", no_gil());
   m.def("dequant_ids", &dequant_ids, "float32 rows ids of a quantized weight (an embedding lookup)", no_gil());
   m.def("int8_f32_gemv", &int8_f32_gemv, "benchmark candidate: int8 W, float32 x", no_gil());

@@ -151,6 +151,26 @@ inline void transpose_rows8(const uint8_t* p, int64_t stride, uint8_t* out) {
   _mm256_storeu_si256(o + 3, _mm256_unpackhi_epi64(t1, t3));
 }
 
+// The decode kernels' integer dot products, four u8 x s8 byte pairs summed into each int32
+// lane: vpmaddubsw + vpmaddwd on AVX2, or one vpdpbusd where the CPU has it, VEX-encoded
+// (AVX-VNNI) or EVEX-encoded on 256-bit vectors (AVX-512 VNNI with VL). The kernels keep
+// every int16 sum of maddubs below 2^15, so all three give the same integers, the same bits.
+enum class Dot { kAvx2, kVex, kEvex };
+
+// This CPU's best; kAvx2 while MIAOTUI_NO_VNNI is set, and instead of kEvex while
+// MIAOTUI_NO_AVX512 is (read on every call, so a test can compare the paths in one process).
+Dot dot_kind();
+
+// acc + the four-byte dot products of u (unsigned) and s (signed) per lane. Inline assembly,
+// so the files need no -mavxvnni / -mavx512vnni; run only where dot_kind() says so.
+template <Dot D>
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {
+  static_assert(D != Dot::kAvx2, "maddubs + madd: no single instruction");
+  if constexpr (D == Dot::kVex) asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  else asm("%{evex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(u), "x"(s));
+  return acc;
+}
+
 // Four activation bytes broadcast to every 32-bit lane.
 inline __m256i bcast4(const int8_t* p) {
   int32_t v;
