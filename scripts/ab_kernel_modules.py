@@ -17,8 +17,8 @@ differently (checked: within 1e-4; "same_bits" says whether they did).
     python scripts/ab_kernel_modules.py --qdecode --base /tmp/base/miaotui/_kernels...so \
         --out results/ab_qdecode_block32_smollm2.json
 
---vnni: instead, this checkout's int4 decode matmul (int8 activations) with AVX-VNNI against
-the same without it (MIAOTUI_NO_VNNI=1), int4 weights in groups of 32.
+--vnni: instead, this checkout's int4 decode matmul (int8 activations) with vpdpbusd (AVX-VNNI
+or AVX-512 VNNI) against the same without it (MIAOTUI_NO_VNNI=1), int4 weights in groups of 32.
 
 --base: a built kernel module (.so) of the commit to compare against; the head is this
 checkout's (``miaotui.kernels.load()``). Shapes: SmolLM2-135M's gate/up (576 -> 3072) and
@@ -144,7 +144,7 @@ def qdecode_ab(base, head, a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="the kernel module (.so) to compare against")
-    ap.add_argument("--vnni", action="store_true", help="int4 decode matmul with and without AVX-VNNI")
+    ap.add_argument("--vnni", action="store_true", help="int4 decode matmul with and without vpdpbusd (AVX-VNNI / AVX-512 VNNI)")
     ap.add_argument("--qdecode", action="store_true", help="quantized decode matmuls of two builds, a model step")
     ap.add_argument("--formats", default="Q4_0,Q4_1,Q8_0")
     ap.add_argument("--shape", choices=sorted(STEPS), default="smollm2-135m")
