@@ -258,8 +258,8 @@ def _block32_reference(w, x):
 
 @pytest.mark.parametrize("name,w", BLOCK32, ids=[n for n, _ in BLOCK32])
 def test_block32_decode_matmul(k, name, w):
-    """The row kernel (below 16 tokens: the slices of 1, 2, 7, 12 and 13 tokens) and the
-    panel kernel (20 tokens: tiles of four) give each token the same bits, and those bits
+    """The row kernel (below 16 tokens, 8 with VNNI: the slices of 1, 2, 7, 12 and 13 tokens)
+    and the panel kernel (20 tokens: tiles of four) give each token the same bits, and those bits
     are the documented arithmetic: within float32 rounding of the float64 sum of the exact
     integer block products (an integer product off by one lands several times outside the
     bound)."""

@@ -13,10 +13,10 @@
 // d_b is the block's exact integer dot product sum q * xq with the int8 activations
 // (x ~ dx * xq); bsum_b is dx_b * sum xq.
 //
-// Under 16 tokens: a row at a time, the eight accumulators the lanes of one vector per
+// Under 16 tokens (8 with VNNI): a row at a time, the eight accumulators the lanes of one vector per
 // token: eight blocks' integer sums gathered by hadd (a short rest of a row by half the
 // reduction), their eight scales one load, the weights loaded once for up to four tokens.
-// From 16 tokens: rows eight at a time, repacked into a panel (per block, 4-byte groups of
+// From 16 tokens (8): rows eight at a time, repacked into a panel (per block, 4-byte groups of
 // the eight rows side by side: eight 32-byte vectors, a 4x4 transpose of 32-bit groups per
 // half; scales transposed to match). A tile of four tokens then broadcasts four activation
 // bytes against each panel vector, output rows in the lanes: no horizontal sums, each
@@ -236,12 +236,14 @@ void row_scalar(const Weights& w, const Xq& a, int64_t T, int64_t n, float* y, i
   }
 }
 
-// From this many tokens on the panel kernel (its repack pays for itself), below it the row one.
-constexpr int64_t kPanelTokens = 16;
+// From this many tokens on the panel kernel (its repack pays for itself), below it the row one;
+// with vpdpbusd the panel's products cost fewer instructions and it pays from 8 (a SmolLM2
+// step's Q8_0 matmuls 1.07x at 8 tokens, 1.28x at 12; 0.80-0.92x at 4-6; docs/benchmarks.md).
+constexpr int64_t kPanelTokens = 16, kPanelTokensVnni = 8;
 
 template <bool kQ5, bool kMin, typename S, Dot D>
 void run(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
-  if (T < kPanelTokens) {
+  if (T < (D == Dot::kAvx2 ? kPanelTokens : kPanelTokensVnni)) {
     parallel_rows(w.N, 16, [&](int64_t n0, int64_t n1) {
       int64_t t = 0;
       for (; t + 4 <= T; t += 4) row_tokens<kQ5, kMin, S, 4, D>(w, a, n0, n1, t, y, ldy);
