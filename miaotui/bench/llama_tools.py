@@ -52,7 +52,8 @@ def build_config(binary: str) -> dict:
     return opts
 
 
-ISA_OPTIONS = ("NATIVE", "AVX", "AVX2", "AVX512", "AVX_VNNI", "FMA", "F16C", "BMI2", "AMX")
+# GGML_<first word>_...: AVX covers AVX_VNNI, AVX512 the AVX512_* options, AMX the AMX_* ones
+ISA_OPTIONS = ("NATIVE", "AVX", "AVX2", "AVX512", "FMA", "F16C", "BMI2", "AMX")
 
 
 def _run(cmd: list[str], timeout: float | None) -> str:

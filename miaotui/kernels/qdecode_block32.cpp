@@ -286,15 +286,6 @@ void dispatch(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
   else run<false, false, S, D>(w, a, T, y, ldy);
 }
 
-template <typename S>
-void dispatch(const Weights& w, const Xq& a, int64_t T, float* y, int64_t ldy) {
-  switch (dot_kind()) {
-    case Dot::kVex: dispatch<S, Dot::kVex>(w, a, T, y, ldy); break;
-    case Dot::kEvex: dispatch<S, Dot::kEvex>(w, a, T, y, ldy); break;
-    default: dispatch<S, Dot::kAvx2>(w, a, T, y, ldy); break;
-  }
-}
-
 }  // namespace
 
 bool block32_format(const Weights& w) {
@@ -304,8 +295,10 @@ bool block32_format(const Weights& w) {
 void block32_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* bsum, int64_t ld, int64_t T,
                     float* y, int64_t ldy) {
   const Xq a{xq, dx, bsum, ld, w.K};
-  if (w.half) dispatch<half_t>(w, a, T, y, ldy);
-  else dispatch<float>(w, a, T, y, ldy);
+  with_dot([&](auto d) {
+    if (w.half) dispatch<half_t, d.value>(w, a, T, y, ldy);
+    else dispatch<float, d.value>(w, a, T, y, ldy);
+  });
 }
 
 }  // namespace miaotui

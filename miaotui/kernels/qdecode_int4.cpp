@@ -193,11 +193,7 @@ bool int4_panel_format(const Weights& w, int64_t T) {
 int64_t int4_panel_matmul(const Weights& w, const int8_t* xq, const float* dx, const float* s, int64_t ld,
                           int64_t T, float* y, int64_t ldy) {
   const int64_t groups = w.N / 8;
-  switch (dot_kind()) {
-    case Dot::kVex: dispatch<Dot::kVex>(w, xq, dx, s, ld, T, groups, y, ldy); break;
-    case Dot::kEvex: dispatch<Dot::kEvex>(w, xq, dx, s, ld, T, groups, y, ldy); break;
-    default: dispatch<Dot::kAvx2>(w, xq, dx, s, ld, T, groups, y, ldy); break;
-  }
+  with_dot([&](auto d) { dispatch<d.value>(w, xq, dx, s, ld, T, groups, y, ldy); });
   return 8 * groups;
 }
 

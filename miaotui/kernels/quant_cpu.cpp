@@ -592,20 +592,18 @@ void qmatmul_into(const float* x, int64_t T, const Weights& w, float* y, int64_t
       sp = even_odd_runs(s);
       a.sp = sp.data();
     }
+    // the integer sums by vpdpbusd where the CPU has it (the same integers)
+    with_dot([&](auto d) {
+      parallel_rows(w.N - n0, 16, [&](int64_t i0, int64_t i1) {
+        if (w.half) run_rows<true, false, half_t, d.value>(w, a, y, ldy, T, n0 + i0, n0 + i1);
+        else run_rows<true, false, float, d.value>(w, a, y, ldy, T, n0 + i0, n0 + i1);
+      });
+    });
+    return;
   }
-  const Dot dot = dot_kind();
   parallel_rows(w.N - n0, 16, [&](int64_t i0, int64_t i1) {
     const int64_t r0 = n0 + i0, r1 = n0 + i1;
-    if (w.bits == 4 && dot == Dot::kVex) {  // int4: the same integer sums by vpdpbusd
-      if (w.half) run_rows<true, false, half_t, Dot::kVex>(w, a, y, ldy, T, r0, r1);
-      else run_rows<true, false, float, Dot::kVex>(w, a, y, ldy, T, r0, r1);
-    } else if (w.bits == 4 && dot == Dot::kEvex) {
-      if (w.half) run_rows<true, false, half_t, Dot::kEvex>(w, a, y, ldy, T, r0, r1);
-      else run_rows<true, false, float, Dot::kEvex>(w, a, y, ldy, T, r0, r1);
-    } else if (w.bits == 4) {
-      if (w.half) run_rows<true, false, half_t>(w, a, y, ldy, T, r0, r1);
-      else run_rows<true, false, float>(w, a, y, ldy, T, r0, r1);
-    } else if (w.b16) {
+    if (w.b16) {
       if (w.half) run_rows<false, true, half_t>(w, a, y, ldy, T, r0, r1);
       else run_rows<false, true, float>(w, a, y, ldy, T, r0, r1);
     } else {

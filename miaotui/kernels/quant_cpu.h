@@ -161,6 +161,17 @@ enum class Dot { kAvx2, kVex, kEvex };
 // MIAOTUI_NO_AVX512 is (read on every call, so a test can compare the paths in one process).
 Dot dot_kind();
 
+// f(std::integral_constant<Dot, dot_kind()>{}): a kernel instantiated per Dot, called with
+// the one this CPU takes (the kernels' dispatch in one place).
+template <typename F>
+void with_dot(F&& f) {
+  switch (dot_kind()) {
+    case Dot::kVex: f(std::integral_constant<Dot, Dot::kVex>{}); break;
+    case Dot::kEvex: f(std::integral_constant<Dot, Dot::kEvex>{}); break;
+    default: f(std::integral_constant<Dot, Dot::kAvx2>{}); break;
+  }
+}
+
 // acc + the four-byte dot products of u (unsigned) and s (signed) per lane. Inline assembly,
 // so the files need no -mavxvnni / -mavx512vnni; run only where dot_kind() says so.
 template <Dot D>
